@@ -1,0 +1,318 @@
+"""Typed configuration: the dataclasses here *are* the YAML schema and the CLI.
+
+A config file is YAML whose top-level keys name sections (``model:``, later ``data:``,
+``train:``...). Each section is checked against its dataclass: unknown keys, wrong types and
+impossible values are one-line :class:`ConfigError` messages that name the key and the fix.
+Dotted command-line overrides (``--model.d_model 256``) are applied to the parsed mapping
+before it is checked, so they obey the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass <-> mapping conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming ``where``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}"
+                + (_suggest(str(value), map(str, allowed)) if isinstance(value, str) else "")
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML 1.1 reads "3e-4" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and ill-typed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{name}'{_suggest(str(key), fields)}; valid keys: {', '.join(sorted(fields))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where and not str(err).startswith(where) else str(err)) from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain, YAML-safe mapping of a config dataclass (nested ones included)."""
+    return dataclasses.asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML files and dotted overrides
+# --------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a YAML syntax error is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path passed to --config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {path}{at}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: typing.Sequence[str]) -> dict[str, Any]:
+    """Turn ``["--train.lr", "3e-4", "--model.preset=125m"]`` into ``{"train.lr": "3e-4", ...}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+                raise ConfigError(f"override --{key} has no value: write --{key} VALUE")
+            raw = args[i + 1]
+            i += 2
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys inside a nested mapping (returns a new mapping)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override --{dotted}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Model configuration and presets
+# --------------------------------------------------------------------------------------------
+
+Arch = Literal["crate", "gpt"]
+Task = Literal["causal", "masked"]
+IstaVariant = Literal["crate", "overcomplete", "alpha"]
+AttnImpl = Literal["sdpa", "math"]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Shape and options of a CRATE (or baseline GPT) language model. Notation as in CRATE.md."""
+
+    arch: Arch = "crate"
+    """'crate' (MSSA + ISTA blocks) or 'gpt' (standard pre-LN attention + MLP baseline)."""
+    task: Task = "causal"
+    """'causal' (decoder-only, next-token loss) or 'masked' (BERT-style, masked-LM loss)."""
+    vocab_size: int = 8192
+    """Embedding rows; must be >= the tokenizer's vocabulary."""
+    max_seq_len: int = 256
+    """Number of learned positions: the longest sequence the model accepts."""
+    d_model: int = 128
+    """Width d of the token representations."""
+    n_layers: int = 4
+    """Number of blocks L."""
+    n_heads: int = 4
+    """Number of heads / subspaces K; p = d / K."""
+    ista: IstaVariant = "alpha"
+    """ISTA variant: 'crate' (d x d, no residual), 'overcomplete' (d x m, no residual), 'alpha' (d x m, D_1, residual)."""
+    ista_steps: int | None = None
+    """ISTA iterations per block; None means 1 for 'crate' and 2 for 'overcomplete'/'alpha'."""
+    ista_dict_mult: int = 4
+    """Dictionary width m = ista_dict_mult * d ('overcomplete' and 'alpha')."""
+    ista_eta: float = 0.1
+    """ISTA step size eta."""
+    ista_lambda: float = 0.1
+    """ISTA sparsity penalty lambda."""
+    mlp_mult: int = 4
+    """GPT baseline only: MLP hidden width = mlp_mult * d."""
+    dropout: float = 0.0
+    """Dropout on embeddings and residual branches."""
+    attn_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_std: float = 0.02
+    """Std of the normal init of embeddings and projections (output projections: / sqrt(2L))."""
+    ln_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    attn_impl: AttnImpl = "sdpa"
+    """'sdpa' (torch scaled_dot_product_attention: flash / memory-efficient kernels) or 'math' (reference)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "ista_dict_mult", "mlp_mult"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}); "
+                "pick n_heads that divides d_model"
+            )
+        if self.ista_steps is not None and self.ista_steps < 1:
+            raise ConfigError(f"model.ista_steps must be >= 1, got {self.ista_steps}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.ista_eta <= 0 or self.ista_lambda < 0:
+            raise ConfigError("model.ista_eta must be > 0 and model.ista_lambda >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        """p = d / K."""
+        return self.d_model // self.n_heads
+
+    @property
+    def n_ista_steps(self) -> int:
+        return self.ista_steps if self.ista_steps is not None else (1 if self.ista == "crate" else 2)
+
+    @property
+    def dict_width(self) -> int:
+        """m: the number of dictionary atoms (d for the 'crate' variant)."""
+        return self.d_model if self.ista == "crate" else self.ista_dict_mult * self.d_model
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named size (see ``MODEL_PRESETS``), optionally with some fields changed."""
+        return model_config_from_dict({"preset": name, **overrides})
+
+
+# Sizes follow the GPT-2/GPT-3 ladder (d, L, K). Counts differ by `ista` variant and `arch`;
+# `tools/model_table.py` prints the exact numbers quoted in the README.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, vocab_size=8192, max_seq_len=256),
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, vocab_size=50304, max_seq_len=1024),
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, vocab_size=50304, max_seq_len=2048),
+    "760m": dict(d_model=1536, n_layers=24, n_heads=16, vocab_size=50304, max_seq_len=2048),
+    "1.3b": dict(d_model=2048, n_layers=24, n_heads=16, vocab_size=50304, max_seq_len=2048),
+    "2.7b": dict(d_model=2560, n_layers=32, n_heads=32, vocab_size=50304, max_seq_len=2048),
+    "7b": dict(d_model=4096, n_layers=40, n_heads=32, vocab_size=50304, max_seq_len=2048),
+}
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "model") -> ModelConfig:
+    """Build a ModelConfig from a mapping that may name a ``preset`` to start from."""
+    data = dict(data or {})
+    preset = data.pop("preset", None)
+    base: dict[str, Any] = {}
+    if preset is not None:
+        preset = str(preset)
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"unknown model preset '{preset}'{_suggest(preset, MODEL_PRESETS)}; "
+                f"choose one of: {', '.join(MODEL_PRESETS)}"
+            )
+        base = dict(MODEL_PRESETS[preset])
+    base.update(data)
+    return from_dict(ModelConfig, base, where)
