@@ -316,3 +316,181 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model") -> ModelC
         base = dict(MODEL_PRESETS[preset])
     base.update(data)
     return from_dict(ModelConfig, base, where)
+
+
+# --------------------------------------------------------------------------------------------
+# A training run: one YAML file, one dataclass per section
+# --------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "bf16", "fp16"]
+WandbMode = Literal["disabled", "offline", "online"]
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which prepared shards to read and how to cut them into samples."""
+
+    path: list[str] = dataclasses.field(default_factory=lambda: ["data/shakespeare/shards"])
+    """Prepared dataset folder(s) (tools/prepare_data.py); several are blended."""
+    weights: list[float] | None = None
+    """Blend weights, one per path (default: equal)."""
+    tokenizer: str | None = None
+    """Tokenizer path; default: the one recorded in the data's meta.json. Must match the data."""
+    seq_len: int | None = None
+    """Tokens per sample; default model.max_seq_len."""
+    reset_at_documents: bool = False
+    """Restart positions and block attention at document boundaries."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    mlm_prob: float = 0.15
+    """Masked-LM selection rate (task: masked)."""
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW (decay on matrices only), linear warmup, cosine decay to a floor, clipping."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Batch sizes, length of the run, evaluation and sampling."""
+
+    out_dir: str = "runs/default"
+    """Run folder: checkpoints, effective config, metrics.jsonl, loss curve."""
+    micro_batch: int = 8
+    """Samples per rank per forward/backward."""
+    grad_accum: int | None = None
+    """Micro-steps per optimizer step; default derived from global_batch, else 1."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all ranks = micro_batch x grad_accum x world size."""
+    max_steps: int = 200
+    """Optimizer steps in the whole run."""
+    seed: int = 1234
+    eval_interval: int = 50
+    """Validation every this many steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per rank in a validation pass."""
+    log_interval: int = 10
+    compile: bool = False
+    """torch.compile the model."""
+    max_bad_steps: int = 5
+    """Stop (with a checkpoint of the last good state) after this many non-finite steps in a row."""
+    sample_prompt: str = ""
+    """Text to continue at the end of a causal run (empty: start from end-of-document)."""
+    sample_tokens: int = 64
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    """How DeepSpeed runs the model; the DeepSpeed JSON is derived from this and the batch sizes."""
+
+    zero_stage: int = 0
+    precision: Precision = "fp32"
+    offload_optimizer: bool = False
+    """ZeRO-2/3: keep optimizer states on the CPU (DeepSpeedCPUAdam)."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters on the CPU."""
+    config: dict = dataclasses.field(default_factory=dict)
+    """Raw DeepSpeed JSON entries merged over the derived config (batch sizes may not be contradicted)."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every this many steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 3
+    resume: str = "auto"
+    """'auto' (latest complete checkpoint in out_dir, if any), 'never', or a checkpoint folder."""
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: WandbMode = "disabled"
+    project: str = "crate_lm"
+    run_name: str | None = None
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage < 2:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 2 or 3")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
+            raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.path)} data.path entries")
+        seq = self.data.seq_len or self.model.max_seq_len
+        if seq > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len ({seq}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        for name in ("micro_batch", "max_steps"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+
+    def batch_plan(self, world_size: int) -> tuple[int, int, int]:
+        """(micro_batch, grad_accum, global_batch) for ``world_size`` ranks; a clear error when they cannot agree."""
+        micro, accum, total = self.train.micro_batch, self.train.grad_accum, self.train.global_batch
+        if total is None:
+            accum = accum or 1
+            return micro, accum, micro * accum * world_size
+        per_step = micro * world_size
+        if total % per_step:
+            raise ConfigError(
+                f"train.global_batch={total} is not divisible by train.micro_batch x world size = "
+                f"{micro} x {world_size} = {per_step}; change global_batch or micro_batch"
+            )
+        if accum is not None and micro * accum * world_size != total:
+            raise ConfigError(
+                f"train.global_batch={total} contradicts micro_batch x grad_accum x world size = "
+                f"{micro} x {accum} x {world_size}; set only two of them"
+            )
+        return micro, total // per_step, total
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from the mapping of a YAML file (sections may be missing: defaults apply)."""
+    data = dict(data or {})
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown config section '{key}'{_suggest(str(key), fields)}; sections: {', '.join(sorted(fields))}")
+    if isinstance(data.get("data", {}).get("path"), str):
+        data["data"] = {**data["data"], "path": [data["data"]["path"]]}
+    model = model_config_from_dict(data.pop("model", {}) or {})
+    sections = {k: from_dict(typing.get_type_hints(RunConfig)[k], v or {}, k) for k, v in data.items()}
+    try:
+        return RunConfig(model=model, **sections)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_run_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a run's YAML (or start from defaults when ``path`` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return run_config_from_dict(apply_overrides(data, parse_overrides(overrides)))
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    """YAML of the effective config: loading it gives the same RunConfig."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

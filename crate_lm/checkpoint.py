@@ -1,0 +1,252 @@
+"""Checkpoints: DeepSpeed state for exact resume, plus a self-describing copy for everyone else.
+
+A run's ``checkpoints/`` folder holds one folder per saved step::
+
+    step_00000200/
+        (DeepSpeed's model / optimizer / scheduler shards, written by engine.save_checkpoint)
+        rng_rank00000.pt ...       each rank's RNG states (python, numpy, torch, cuda)
+        trainer_state.json         step, samples and tokens consumed, tokenizer fingerprint, world size
+        config.yaml                the effective run config
+        model.safetensors          consolidated weights (load with ``load_model``)
+        COMPLETE                   written last: only folders that have it are ever resumed from
+
+Loading never unpickles code: DeepSpeed's files are read with ``torch.load(weights_only=True)``
+(a few DeepSpeed value classes allowlisted), the rest is JSON, YAML and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crate_lm.config import ConfigError, ModelConfig, RunConfig, dump_run_config, run_config_from_dict, to_dict
+from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
+
+COMPLETE = "COMPLETE"
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+def _safe_globals() -> list:
+    """DeepSpeed value classes that appear inside its checkpoint files."""
+    allowed: list = [argparse_namespace()]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    return allowed
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load that never runs code from the file (weights_only, with the allowlist above)."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def install_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with ``safe_torch_load``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_torch_load(path, map_location=map_location)
+
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(getattr(engine, "_config", None))
+
+
+# ---- RNG states -----------------------------------------------------------------------------
+
+
+def capture_rng() -> dict:
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(py[:-1]), None if py[-1] == 0 else py[-1]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the checkpoint folder -------------------------------------------------------------------
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if TAG_PATTERN.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(TAG_PATTERN.match(p.name).group(1)))
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: RunConfig, keep_last: int) -> Path:
+    """Save on every rank (collective); rank 0 finishes the folder and prunes old ones."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    folder = root / tag
+    if rank == 0 and folder.exists():
+        shutil.rmtree(folder)  # an incomplete earlier attempt at this step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+    buffer = _to_bytes(capture_rng())
+    atomic_write_bytes(folder / f"rng_rank{rank:05d}.pt", buffer)
+    state_dict = consolidated_state_dict(engine, cfg)
+    dist.barrier()
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        tmp = folder / ".model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.rename(folder / "model.safetensors")
+        atomic_write_bytes(folder / "config.yaml", dump_run_config(cfg).encode())
+        atomic_write_json(folder / "trainer_state.json", trainer_state)
+        atomic_write_bytes(folder / COMPLETE, b"")
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def _to_bytes(obj: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def consolidated_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Full weights on rank 0 (collective under ZeRO-3; empty dict on other ranks)."""
+    import torch.distributed as dist
+
+    module = engine.module
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        out = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if dist.get_rank() == 0:
+                    out[name] = param.detach().cpu().clone()
+        return out
+    if dist.get_rank() != 0:
+        return {}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def check_compatible(folder: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint of another architecture, with the differing fields named."""
+    saved = run_config_from_dict(_read_yaml(folder / "config.yaml"))
+    if saved.model != cfg.model:
+        diff = [k for k, v in to_dict(cfg.model).items() if to_dict(saved.model).get(k) != v]
+        raise CheckpointError(
+            f"checkpoint {folder} is of another architecture (model.{', model.'.join(diff)} differ); "
+            "use the model config it was trained with, or a new train.out_dir"
+        )
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def load_rng(folder: Path, rank: int) -> dict | None:
+    path = folder / f"rng_rank{rank:05d}.pt"
+    return safe_torch_load(path) if path.is_file() else None
+
+
+# ---- outside the training job ------------------------------------------------------------------
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a trained model in one call from a checkpoint folder (or a run folder: its latest
+    complete checkpoint). Returns ``(model, run_config)``; the model is in eval mode."""
+    from safetensors.torch import load_file
+
+    from crate_lm.model import build_model
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/")
+        path = found[-1]
+    weights, config = path / "model.safetensors", path / "config.yaml"
+    if not weights.is_file() or not config.is_file():
+        raise CheckpointError(f"{path} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
+    try:
+        cfg = run_config_from_dict(_read_yaml(config))
+    except ConfigError as err:
+        raise CheckpointError(f"{config}: {err}") from None
+    model = build_model(cfg.model)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit the model in {config} (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+        )
+    model.to(device=device, dtype=dtype).eval()
+    return model, cfg
+
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "check_compatible",
+    "complete_checkpoints",
+    "load_model",
+    "save_checkpoint",
+]
