@@ -63,6 +63,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     micro, accum, total = cfg.batch_plan(world_size)
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2):
+        zero["elastic_checkpoint"] = True  # a checkpoint can be resumed by another number of ranks
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -107,7 +109,9 @@ class GuardedAdamW(torch.optim.AdamW):
     ``overflow`` flag DeepSpeed reads (ZeRO's and the bf16 optimizers do the same themselves).
 
     Where DeepSpeed hands it whole gradients (ZeRO-0, fp32) it also clips them to
-    ``max_grad_norm`` and reports the pre-clip norm as ``_global_grad_norm``.
+    ``max_grad_norm`` and reports the pre-clip norm as ``_global_grad_norm``. It mirrors its
+    step count into every param group (torch ignores it there), which is where ZeRO's elastic
+    checkpoints look for it when a run resumes with another number of ranks.
     """
 
     overflow = False
@@ -116,6 +120,8 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self._global_grad_norm = None
+        for group in self.param_groups:
+            group.setdefault("step", 0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,7 +134,10 @@ class GuardedAdamW(torch.optim.AdamW):
             return None
         if self.max_grad_norm > 0 and self._global_grad_norm > self.max_grad_norm:
             torch._foreach_mul_(grads, self.max_grad_norm / (self._global_grad_norm + 1e-6))
-        return super().step(closure)
+        out = super().step(closure)
+        for group in self.param_groups:
+            group["step"] += 1
+        return out
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -382,11 +391,27 @@ class Trainer:
                 f"this run has {self.global_batch} x {self.seq_len}: keep them equal to continue the same sample order"
             )
         same_world = saved["world_size"] == self.world
+        stage = self.cfg.deepspeed.zero_stage
+        if not same_world and stage == 3:
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} was saved by {saved['world_size']} ranks; DeepSpeed cannot re-partition "
+                f"ZeRO-3 optimizer state for {self.world} ranks. Resume with {saved['world_size']} ranks"
+            )
+        reshard = not same_world and stage in (1, 2)
         load_path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(folder.parent), tag=folder.name, load_optimizer_states=not reshard, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed could not load {folder}")
+        if reshard:  # the ZeRO-1/2 optimizer re-partitions the old world's shards itself
+            self.engine.optimizer.load_state_dict(
+                state_dict_list=self.engine._get_all_zero_checkpoints(str(folder.parent), folder.name),
+                load_optimizer_states=True,
+                load_from_fp32_weights=True,
+                checkpoint_folder=None,
+                load_serial=None,
+                param_shapes=self.engine._get_zero_param_shapes(),
+            )
         for key in TrainState.__dataclass_fields__:
             setattr(self.state, key, saved[key])
         rng = ckpt.load_rng(folder, self.rank) if same_world else None

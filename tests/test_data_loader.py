@@ -376,6 +376,7 @@ def test_blend_largest_remainder_rounding():
         (2, [float("nan"), 1.0]),
         (2, [float("inf"), 1.0]),
     ],
+    ids=["too-few-weights", "too-many-weights", "no-streams", "negative", "all-zero", "nan", "inf"],
 )
 def test_blend_invalid_weights(n_streams, weights):
     with pytest.raises(DataError):

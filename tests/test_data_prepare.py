@@ -334,7 +334,7 @@ def test_parts_with_different_tokenizers_are_never_merged(tmp_path, bpe_tokenize
     out = tmp_path / "out"
     common = {"spec": {"text_unit": "line"}, "num_workers": 2, "val_fraction": 0.2}
     assert prepare(files, bpe_tokenizer, out, worker=0, **common) is None
-    with pytest.raises(DataError, match="different tokenizers"):
+    with pytest.raises(DataError, match=r"differs in: tokenizer"):
         prepare(files, other_tokenizer, out, worker=1, **common)
     assert not (out / "meta.json").exists()
 
