@@ -208,6 +208,78 @@ def load_rng(folder: Path, rank: int) -> dict | None:
     return safe_torch_load(path) if path.is_file() else None
 
 
+def _join_unpadded(parts: list[torch.Tensor], paddings: list[int]) -> torch.Tensor:
+    """The flat vector that per-rank slices (each padded by ``paddings[r]`` at its tail) cut up."""
+    return torch.cat([t.reshape(-1)[: t.numel() - pad] for t, pad in zip(parts, paddings)])
+
+
+def load_zero12_resharded(engine, folder: Path) -> None:
+    """Resume a ZeRO-1/2 checkpoint written by another number of ranks.
+
+    DeepSpeed loads the module and refuses the optimizer shards of another world size (and its
+    elastic path, in the version pinned here, does not restore Adam's moments exactly). Each
+    saved shard is a rank's slice of one flat vector per parameter group, padded at its tail, so
+    the old world's slices are joined, stripped of padding, and cut again for this world: fp32
+    master weights, exp_avg, exp_avg_sq and the step count.
+    """
+    import torch.distributed as dist
+
+    engine.load_checkpoint(
+        str(folder.parent),
+        tag=folder.name,
+        load_module_only=True,
+        load_optimizer_states=False,
+        load_lr_scheduler_states=False,
+    )
+    states = safe_torch_load(folder / "mp_rank_00_model_states.pt")
+    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = states["global_steps"]
+    engine.global_samples = states["global_samples"]
+    engine.skipped_steps = states["skipped_steps"]
+
+    def rank_of(path: Path) -> int:
+        return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+    files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    old = [safe_torch_load(f)["optimizer_state_dict"] for f in files]
+    if not old or any(any(any(p) for p in sd.get("param_alignment_paddings", [])) for sd in old):
+        raise CheckpointError(
+            f"{folder}: its ZeRO shards use a layout that cannot be re-partitioned; resume with the same number of ranks"
+        )
+    zero = engine.optimizer
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for i, group in enumerate(zero.optimizer.param_groups):
+        param = group["params"][0]  # this rank's flat fp32 partition of group i
+        size = param.numel()
+
+        def cut(parts: list[torch.Tensor], paddings: list[int], param=param, size=size) -> torch.Tensor:
+            joined = _join_unpadded(parts, paddings)
+            if joined.numel() > size * world:
+                raise CheckpointError(
+                    f"{folder}: its optimizer shards do not fit this model; resume with the same model"
+                )
+            padded = torch.zeros(size * world, dtype=joined.dtype)
+            padded[: joined.numel()] = joined
+            return padded[rank * size : (rank + 1) * size].to(param.device)
+
+        master = cut([sd["single_partition_of_fp32_groups"][i] for sd in old], [0] * len(old))
+        mine = zero.parallel_partitioned_bit16_groups[i][rank].float()
+        if not torch.allclose(mine, master[: mine.numel()], rtol=1e-2, atol=1e-2):
+            raise CheckpointError(
+                f"{folder}: re-partitioned weights disagree with the loaded module; resume with the same number of ranks"
+            )
+        param.data.copy_(master)
+        paddings = [sd["group_paddings"][i] for sd in old]
+        saved = [sd["base_optimizer_state"]["state"][i] for sd in old]
+        state = zero.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = cut([s[key] for s in saved], paddings).clone()
+        state["step"] = saved[0]["step"].clone()
+        group["step"] = old[0]["base_optimizer_state"]["param_groups"][i].get("step", 0)
+        group["lr"] = old[0]["base_optimizer_state"]["param_groups"][i]["lr"]  # the scheduler's load does not set it
+
+
 # ---- outside the training job ------------------------------------------------------------------
 
 

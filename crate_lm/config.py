@@ -438,7 +438,9 @@ class RunConfig:
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage < 2:
             raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 2 or 3")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
-            raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.path)} data.path entries")
+            raise ConfigError(
+                f"data.weights has {len(self.data.weights)} entries for {len(self.data.path)} data.path entries"
+            )
         seq = self.data.seq_len or self.model.max_seq_len
         if seq > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({seq}) exceeds model.max_seq_len ({self.model.max_seq_len})")
@@ -472,7 +474,9 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown config section '{key}'{_suggest(str(key), fields)}; sections: {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"unknown config section '{key}'{_suggest(str(key), fields)}; sections: {', '.join(sorted(fields))}"
+            )
     if isinstance(data.get("data", {}).get("path"), str):
         data["data"] = {**data["data"], "path": [data["data"]["path"]]}
     model = model_config_from_dict(data.pop("model", {}) or {})

@@ -63,8 +63,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     micro, accum, total = cfg.batch_plan(world_size)
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage in (1, 2):
-        zero["elastic_checkpoint"] = True  # a checkpoint can be resumed by another number of ranks
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
@@ -88,7 +86,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
             "params": {"lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": cfg.optim.eps},
         }
     for key, value in ds.config.items():
-        if key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size") and value != config[key]:
+        if (
+            key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+            and value != config[key]
+        ):
             raise ConfigError(
                 f"deepspeed.config.{key}={value} contradicts the batch sizes derived from train.* ({config[key]}); "
                 "set batch sizes in the train section only"
@@ -254,7 +255,9 @@ class Trainer:
         dist.barrier()
         if not torch.cuda.is_available():
             tune_cpu_allocator()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
 
         self.seq_len = cfg.data.seq_len or cfg.model.max_seq_len
         self.tokenizer, self.train_stream, self.val_streams = self._build_data()
@@ -346,7 +349,9 @@ class Trainer:
             peak = gpu_peak_flops(torch.cuda.get_device_name())
             return (peak or 0.0) * self.world
         dtype = PRECISION_DTYPES[self.cfg.deepspeed.precision]
-        return measure_matmul_flops("cpu", dtype if dtype != torch.float16 else torch.float32, n=1024, reps=5) * self.world
+        return (
+            measure_matmul_flops("cpu", dtype if dtype != torch.float16 else torch.float32, n=1024, reps=5) * self.world
+        )
 
     # ---- checkpoints ----
     def _trainer_state(self) -> dict:
@@ -397,21 +402,14 @@ class Trainer:
                 f"checkpoint {folder} was saved by {saved['world_size']} ranks; DeepSpeed cannot re-partition "
                 f"ZeRO-3 optimizer state for {self.world} ranks. Resume with {saved['world_size']} ranks"
             )
-        reshard = not same_world and stage in (1, 2)
-        load_path, _ = self.engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=not reshard, load_lr_scheduler_states=True
-        )
-        if load_path is None:
-            raise ckpt.CheckpointError(f"DeepSpeed could not load {folder}")
-        if reshard:  # the ZeRO-1/2 optimizer re-partitions the old world's shards itself
-            self.engine.optimizer.load_state_dict(
-                state_dict_list=self.engine._get_all_zero_checkpoints(str(folder.parent), folder.name),
-                load_optimizer_states=True,
-                load_from_fp32_weights=True,
-                checkpoint_folder=None,
-                load_serial=None,
-                param_shapes=self.engine._get_zero_param_shapes(),
+        if not same_world and stage in (1, 2):
+            ckpt.load_zero12_resharded(self.engine, folder)
+        else:
+            load_path, _ = self.engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+            if load_path is None:
+                raise ckpt.CheckpointError(f"DeepSpeed could not load {folder}")
         for key in TrainState.__dataclass_fields__:
             setattr(self.state, key, saved[key])
         rng = ckpt.load_rng(folder, self.rank) if same_world else None
@@ -541,7 +539,14 @@ class Trainer:
                 window["n"] += 1
             else:
                 self.state.bad_steps += 1
-                self._emit({"step": self.state.step, "event": "skipped_nonfinite", "loss": result["loss"], "grad_norm": result["grad_norm"]})
+                self._emit(
+                    {
+                        "step": self.state.step,
+                        "event": "skipped_nonfinite",
+                        "loss": result["loss"],
+                        "grad_norm": result["grad_norm"],
+                    }
+                )
                 if self.rank == 0:
                     tqdm.write(f"step {self.state.step}: non-finite loss or gradient norm; update skipped")
                 if self.state.bad_steps >= cfg.train.max_bad_steps:
@@ -569,7 +574,9 @@ class Trainer:
         self.save()
         if stopped_by:
             if self.rank == 0:
-                print(f"train: stopped by signal {stopped_by} at step {self.state.step}; checkpoint saved, rerun to resume")
+                print(
+                    f"train: stopped by signal {stopped_by} at step {self.state.step}; checkpoint saved, rerun to resume"
+                )
             return self.state
         evaluated = cfg.train.eval_interval and self.state.step % cfg.train.eval_interval == 0
         final = self.last_eval if evaluated else self.evaluate()

@@ -247,11 +247,17 @@ class RankSampler(Sampler[int]):
     samples, rank r reads the r-th contiguous slice of ``micro_batch``. Starts after ``start``
     samples consumed globally; endless unless ``num_batches`` is given."""
 
-    def __init__(self, start: int, rank: int, world_size: int, micro_batch: int, num_batches: int | None = None) -> None:
+    def __init__(
+        self, start: int, rank: int, world_size: int, micro_batch: int, num_batches: int | None = None
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of {world_size}")
         self.start, self.rank, self.world_size, self.micro_batch, self.num_batches = (
-            start, rank, world_size, micro_batch, num_batches
+            start,
+            rank,
+            world_size,
+            micro_batch,
+            num_batches,
         )
 
     def __iter__(self) -> Iterator[int]:

@@ -165,13 +165,41 @@ def prepare_corpus(
     if (final / "part.json").is_file():
         print(f"prepare: {name} is already complete")
     else:
-        _prepare_part(spec, tokenizer, files[worker::num_workers], out, name, settings, dtype, val_fraction,
-                      num_proc, worker, num_workers, shard_tokens, chunk_bytes, show_progress)
+        _prepare_part(
+            spec,
+            tokenizer,
+            files[worker::num_workers],
+            out,
+            name,
+            settings,
+            dtype,
+            val_fraction,
+            num_proc,
+            worker,
+            num_workers,
+            shard_tokens,
+            chunk_bytes,
+            show_progress,
+        )
     return merge_parts(out, num_workers)
 
 
-def _prepare_part(spec, tokenizer, files, out, name, settings, dtype, val_fraction, num_proc, worker,
-                  num_workers, shard_tokens, chunk_bytes, show_progress) -> None:
+def _prepare_part(
+    spec,
+    tokenizer,
+    files,
+    out,
+    name,
+    settings,
+    dtype,
+    val_fraction,
+    num_proc,
+    worker,
+    num_workers,
+    shard_tokens,
+    chunk_bytes,
+    show_progress,
+) -> None:
     tmp = out / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run: never taken for data
@@ -208,7 +236,12 @@ def _prepare_part(spec, tokenizer, files, out, name, settings, dtype, val_fracti
             )
         write_part_manifest(
             tmp,
-            {"settings": settings, "tokenizer": tokenizer.describe(), "files": [str(f) for f in files], "splits": splits},
+            {
+                "settings": settings,
+                "tokenizer": tokenizer.describe(),
+                "files": [str(f) for f in files],
+                "splits": splits,
+            },
         )
         final = out / name
         if final.exists():  # a folder without part.json is never data: replace it

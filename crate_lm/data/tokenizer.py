@@ -54,7 +54,9 @@ class Tokenizer:
             try:
                 self._hf = HFTokenizer.from_str(data.decode("utf-8"))
             except Exception as err:  # the library raises a bare Exception on bad JSON
-                raise DataError(f"{path}: not a valid tokenizers file ({err}); pass a tokenizer.json or .model") from None
+                raise DataError(
+                    f"{path}: not a valid tokenizers file ({err}); pass a tokenizer.json or .model"
+                ) from None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             lookup = self._hf.token_to_id
         else:
