@@ -158,6 +158,10 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good weights were saved."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -177,7 +181,12 @@ class MetricsFile:
 
     def __call__(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite numbers (a skipped step's loss or norm) are written as null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class Wandb:
@@ -215,7 +224,7 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
     train, val = [], []
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
-        if "loss" in record:
+        if record.get("loss") is not None:
             train.append((record["step"], record["loss"]))
         if "val_loss" in record:
             val.append((record["step"], record["val_loss"]))
@@ -254,6 +263,8 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if not torch.cuda.is_available():
+            if cfg.deepspeed.precision == "fp16":
+                raise ConfigError("deepspeed.precision: fp16 is not supported on CPU; use bf16 or fp32")
             tune_cpu_allocator()
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -525,52 +536,54 @@ class Trainer:
         )
         window = {"loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
         stopped_by = None
-        while self.state.step < cfg.train.max_steps:
-            batches = [next(loader) for _ in range(self.accum)]
-            result = self.train_step(batches)
-            self.state.step += 1
-            self.state.consumed_samples += self.global_batch
-            tokens = self.global_batch * self.seq_len
-            self.state.tokens_seen += tokens
-            window["tokens"] += tokens
-            if result["applied"]:
-                self.state.bad_steps = 0
-                window["loss"] += result["loss"]
-                window["n"] += 1
-            else:
-                self.state.bad_steps += 1
-                self._emit(
-                    {
-                        "step": self.state.step,
-                        "event": "skipped_nonfinite",
-                        "loss": result["loss"],
-                        "grad_norm": result["grad_norm"],
-                    }
-                )
-                if self.rank == 0:
-                    tqdm.write(f"step {self.state.step}: non-finite loss or gradient norm; update skipped")
-                if self.state.bad_steps >= cfg.train.max_bad_steps:
-                    # skipped updates left the weights as they were: this checkpoint is the last good state
-                    folder = self.save()
-                    raise RuntimeError(
-                        f"{self.state.bad_steps} non-finite steps in a row at step {self.state.step}; "
-                        f"stopped with the last good weights saved in {folder}. Lower optim.lr or check the data"
+        try:
+            while self.state.step < cfg.train.max_steps:
+                batches = [next(loader) for _ in range(self.accum)]
+                result = self.train_step(batches)
+                self.state.step += 1
+                self.state.consumed_samples += self.global_batch
+                tokens = self.global_batch * self.seq_len
+                self.state.tokens_seen += tokens
+                window["tokens"] += tokens
+                if result["applied"]:
+                    self.state.bad_steps = 0
+                    window["loss"] += result["loss"]
+                    window["n"] += 1
+                else:
+                    self.state.bad_steps += 1
+                    self._emit(
+                        {
+                            "step": self.state.step,
+                            "event": "skipped_nonfinite",
+                            "loss": result["loss"],
+                            "grad_norm": result["grad_norm"],
+                        }
                     )
-            bar.update(1)
-            if result["applied"]:
-                bar.set_postfix(loss=f"{result['loss']:.3f}")
-            if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.max_steps:
-                self._log_interval(window, result)
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
-            if cfg.train.eval_interval and self.state.step % cfg.train.eval_interval == 0:
-                self.last_eval = self.evaluate()
-                self._emit({"step": self.state.step, **self.last_eval})
-            if self.state.step % cfg.checkpoint.interval == 0 and self.state.step < cfg.train.max_steps:
-                self.save()
-            if self._agreed_stop():
-                stopped_by = self._stop_signal or "a signal on another rank"
-                break
-        bar.close()
+                    if self.rank == 0:
+                        tqdm.write(f"step {self.state.step}: non-finite loss or gradient norm; update skipped")
+                    if self.state.bad_steps >= cfg.train.max_bad_steps:
+                        # skipped updates left the weights as they were: this checkpoint is the last good state
+                        folder = self.save()
+                        raise TrainingDiverged(
+                            f"{self.state.bad_steps} non-finite steps in a row at step {self.state.step}; "
+                            f"stopped with the last good weights saved in {folder}. Lower optim.lr or check the data"
+                        )
+                bar.update(1)
+                if result["applied"]:
+                    bar.set_postfix(loss=f"{result['loss']:.3f}")
+                if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.max_steps:
+                    self._log_interval(window, result)
+                    window = {"loss": 0.0, "n": 0, "tokens": 0, "start": time.perf_counter()}
+                if cfg.train.eval_interval and self.state.step % cfg.train.eval_interval == 0:
+                    self.last_eval = self.evaluate()
+                    self._emit({"step": self.state.step, **self.last_eval})
+                if self.state.step % cfg.checkpoint.interval == 0 and self.state.step < cfg.train.max_steps:
+                    self.save()
+                if self._agreed_stop():
+                    stopped_by = self._stop_signal or "a signal on another rank"
+                    break
+        finally:
+            bar.close()
         self.save()
         if stopped_by:
             if self.rank == 0:
@@ -598,7 +611,7 @@ class Trainer:
         tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
         record = {
             "step": self.state.step,
-            "loss": window["loss"] / window["n"] if window["n"] else float("nan"),
+            "loss": window["loss"] / window["n"] if window["n"] else None,  # every step of the window was skipped
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.cfg.optim.lr,
             "grad_norm": result["grad_norm"],
             "tokens_per_s": tokens_per_s,
@@ -638,4 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
