@@ -8,8 +8,11 @@ export VENV
 setup:
 	@bash tools/setup_env.sh
 
+DATA := data/shakespeare
+
 demo: setup
-	$(BIN)/crate-lm smoke
+	$(BIN)/python tools/prepare_data.py --builtin --out $(DATA)/shards --val_fraction 0.05 --num_proc 2
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} PYTHONWARNINGS=ignore::FutureWarning $(BIN)/python crate_lm/pretrain.py --config configs/default.yaml
 
 test: setup
 	$(BIN)/ruff check crate_lm tools tests

@@ -132,6 +132,10 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: Run
     rank = dist.get_rank()
     tag = tag_for(step)
     folder = root / tag
+    done = torch.tensor([int((folder / COMPLETE).is_file())])
+    dist.broadcast(done, src=0)  # rank 0 decides, so every rank takes the same (collective) path
+    if done.item():
+        return folder  # a complete checkpoint is never rewritten
     if rank == 0 and folder.exists():
         shutil.rmtree(folder)  # an incomplete earlier attempt at this step
     dist.barrier()
@@ -314,11 +318,31 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     return model, cfg
 
 
+def load_run_tokenizer(path: str | Path, cfg: RunConfig | None = None):
+    """The tokenizer a run trained with (``data.tokenizer``, else the one its data records),
+    checked against the fingerprint the checkpoint saved."""
+    from crate_lm.data import load_tokenizer, read_meta
+
+    path = Path(path)
+    folder = complete_checkpoints(path / "checkpoints")[-1] if (path / "checkpoints").is_dir() else path
+    cfg = cfg or run_config_from_dict(_read_yaml(folder / "config.yaml"))
+    tok_path = cfg.data.tokenizer or read_meta(cfg.data.path[0])["tokenizer"]["path"]
+    tokenizer = load_tokenizer(tok_path)
+    expected = load_trainer_state(folder).get("tokenizer_fingerprint")
+    if expected and expected != tokenizer.fingerprint:
+        raise CheckpointError(
+            f"{folder} was trained with tokenizer {expected}, but {tok_path} is {tokenizer.fingerprint}; "
+            "point data.tokenizer at the tokenizer the run used"
+        )
+    return tokenizer
+
+
 __all__ = [
     "CheckpointError",
     "ModelConfig",
     "check_compatible",
     "complete_checkpoints",
     "load_model",
+    "load_run_tokenizer",
     "save_checkpoint",
 ]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import fire
 
-from crate_lm.config import ModelConfig, model_config_from_dict
+from crate_lm.config import model_config_from_dict
 
 
 class CrateLM:
@@ -33,36 +31,31 @@ class CrateLM:
             "cache_bytes_per_token_bf16": cache_bytes_per_token(cfg),
         }
 
-    def smoke(self, preset: str = "tiny", steps: int = 30, batch: int = 8, seq_len: int = 64, seed: int = 0) -> None:
-        """Train a model for a few steps on a synthetic repeating sequence; the loss must fall."""
+    def generate(
+        self,
+        run: str,
+        prompt: str = "",
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+    ) -> str:
+        """Continue a prompt with a trained causal model (a run folder or a checkpoint folder).
+
+        Example: crate-lm generate runs/default --prompt "ROMEO\n" --max_new_tokens 200
+        """
         import torch
-        from tqdm import tqdm
 
-        from crate_lm.model import build_model, param_count
+        from crate_lm.checkpoint import load_model, load_run_tokenizer
+        from crate_lm.model import generate
 
-        torch.manual_seed(seed)
-        cfg = ModelConfig.from_preset(preset, max_seq_len=max(seq_len, 8))
-        model = build_model(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        period = torch.randint(0, cfg.vocab_size, (17,))
-        start = time.perf_counter()
-        losses = []
-        for _ in (bar := tqdm(range(steps), desc=f"smoke {preset}", unit="step")):
-            offsets = torch.randint(0, 17, (batch,))
-            idx = (offsets[:, None] + torch.arange(seq_len + 1)[None, :]) % 17
-            tokens = period[idx]
-            loss = model(tokens[:, :-1], tokens[:, 1:]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        print(
-            f"smoke: {preset} CRATE-{cfg.ista} ({param_count(cfg) / 1e6:.2f}M params) trained {steps} steps in "
-            f"{time.perf_counter() - start:.1f}s, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-        )
-        if not losses[-1] < losses[0]:
-            raise SystemExit("smoke: the loss did not fall")
+        model, cfg = load_model(run)
+        tokenizer = load_run_tokenizer(run, cfg)
+        ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
+        new = min(max_new_tokens, cfg.model.max_seq_len - len(ids))
+        generator = torch.Generator().manual_seed(seed)
+        out = generate(model, torch.tensor([ids]), new, temperature=temperature, top_k=top_k, generator=generator)
+        return tokenizer.decode(out[0].tolist())
 
 
 def main() -> None:

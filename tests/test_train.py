@@ -366,6 +366,15 @@ def test_trained_model_loads_in_one_call(single):
         load_model(single / "checkpoints")
 
 
+def test_generate_command_continues_a_prompt(single):
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_lm.cli", "generate", str(single), "--prompt", "Doc 5:", "--max_new_tokens", "12"],
+        env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("Doc 5:") and len(proc.stdout.strip()) > len("Doc 5:")
+
+
 @pytest.mark.parametrize(
     "setup,message",
     [

@@ -166,45 +166,21 @@ def prepare_corpus(
         print(f"prepare: {name} is already complete")
     else:
         _prepare_part(
-            spec,
-            tokenizer,
-            files[worker::num_workers],
-            out,
-            name,
-            settings,
-            dtype,
-            val_fraction,
-            num_proc,
-            worker,
-            num_workers,
-            shard_tokens,
-            chunk_bytes,
-            show_progress,
+            spec, tokenizer, files[worker::num_workers], out, settings, worker, num_proc, chunk_bytes, show_progress
         )
     return merge_parts(out, num_workers)
 
 
-def _prepare_part(
-    spec,
-    tokenizer,
-    files,
-    out,
-    name,
-    settings,
-    dtype,
-    val_fraction,
-    num_proc,
-    worker,
-    num_workers,
-    shard_tokens,
-    chunk_bytes,
-    show_progress,
-) -> None:
+def _prepare_part(spec, tokenizer, files, out, settings, worker, num_proc, chunk_bytes, show_progress) -> None:
+    """Tokenise this worker's share into a hidden folder, then rename it into place."""
+    num_workers, val_fraction = settings["num_workers"], settings["val_fraction"]
+    name = part_name(worker, num_workers)
     tmp = out / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run: never taken for data
     tmp.mkdir()
-    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+    dtype = np.dtype(settings["dtype"])
+    writers = {split: ShardWriter(tmp, split, dtype, settings["shard_tokens"]) for split in SPLITS}
 
     def work_items() -> Iterator[ReadTask | list[str]]:
         for f in files:  # workers read these pieces themselves
