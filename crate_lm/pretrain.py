@@ -1,7 +1,7 @@
 """Entry point DeepSpeed launches: parse the config, build, train.
 
 python crate_lm/pretrain.py --config configs/default.yaml
-deepspeed --num_gpus 8 crate_lm/pretrain.py --config configs/gpt_125m_zero1.yaml
+deepspeed --num_gpus 8 crate_lm/pretrain.py --config configs/gpt_125m_zero1_bf16.yaml
 torchrun --nproc_per_node 2 crate_lm/pretrain.py --config configs/default.yaml --train.max_steps 50
 """
 

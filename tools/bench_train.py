@@ -13,8 +13,9 @@ batches (micro_batch x seq_len) and the same optimizer settings are trained by t
   ``engine(x, y)`` / ``engine.backward`` / ``engine.step``.
 
 Both start from the same weights and see the same batches, so their losses must agree (printed
-as a check that they do the same work). The loops alternate in rounds after a warmup and the
-median tokens/s of each are compared, so drift in the machine's speed touches both alike.
+as a check that they do the same work). After a warmup the loops alternate step by step in
+rounds (A B B A ...); each step is timed and the median step of each loop gives its tokens/s, so
+drift in the machine's speed touches both alike.
 Target: engine tokens/s >= 0.95 x plain.
 
 (b) ``torchrun --nproc_per_node 2`` of this script in ``--zero2-worker`` mode trains the same
@@ -188,9 +189,10 @@ def bench_one_rank(args: argparse.Namespace) -> tuple[float, float]:
     quiet_deepspeed()
     try:
         batches = random_batches(cfg, args, device, seed=0)
-        loops = {"plain PyTorch": PlainLoop(cfg, device, batches), "DeepSpeed engine": EngineLoop(
-            build_engine(cfg, 1), batches
-        )}
+        loops = {
+            "plain PyTorch": PlainLoop(cfg, device, batches),
+            "DeepSpeed engine": EngineLoop(build_engine(cfg, 1), batches),
+        }
         ds_cfg = deepspeed_config(cfg, 1)
         clip_by = "GuardedAdamW" if ds_cfg["gradient_clipping"] == 0.0 else "DeepSpeed"
         print(
@@ -205,18 +207,26 @@ def bench_one_rank(args: argparse.Namespace) -> tuple[float, float]:
         )
         for loop in loops.values():
             timed(loop, args.warmup, device)
-        tokens = args.steps * args.micro_batch * args.seq_len
-        rates: dict[str, list[float]] = {name: [] for name in loops}
+        tokens = args.micro_batch * args.seq_len  # per step
         names = list(loops)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        round_ratios = []
         for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:  # alternate which goes first
-                rates[name].append(tokens / timed(loops[name], args.steps, device))
+            first = names if r % 2 == 0 else names[::-1]
+            this_round: dict[str, list[float]] = {name: [] for name in names}
+            for i in range(args.steps):  # step by step, A B B A ..., so drift touches both alike
+                for name in first if i % 2 == 0 else first[::-1]:
+                    this_round[name].append(timed(loops[name], 1, device))
+            rate = {name: tokens / statistics.median(t) for name, t in this_round.items()}
+            round_ratios.append(rate["DeepSpeed engine"] / rate["plain PyTorch"])
+            for name in names:
+                times[name] += this_round[name]
             print(
                 f"round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{name} {rates[name][-1]:,.0f} tokens/s" for name in names)
-                + f", ratio {rates['DeepSpeed engine'][-1] / rates['plain PyTorch'][-1]:.3f}"
+                + ", ".join(f"{name} {rate[name]:,.0f} tokens/s" for name in names)
+                + f", ratio {round_ratios[-1]:.3f}"
             )
-        plain, engine = (statistics.median(rates[n]) for n in names)
+        plain, engine = (tokens / statistics.median(times[name]) for name in names)
         diff = max(abs(a - b) for a, b in zip(loops["plain PyTorch"].losses, loops["DeepSpeed engine"].losses))
         steps = len(loops["plain PyTorch"].losses)
         print(
@@ -224,8 +234,9 @@ def bench_one_rank(args: argparse.Namespace) -> tuple[float, float]:
             f"(last loss plain {loops['plain PyTorch'].losses[-1]:.4f}, engine {loops['DeepSpeed engine'].losses[-1]:.4f})"
         )
         print(
-            f"1 rank, median of {args.rounds} rounds x {args.steps} steps: plain PyTorch {plain:,.0f} tokens/s, "
-            f"DeepSpeed engine {engine:,.0f} tokens/s, ratio {engine / plain:.3f}"
+            f"1 rank, median step of {args.rounds} rounds x {args.steps} steps: plain PyTorch {plain:,.0f} tokens/s, "
+            f"DeepSpeed engine {engine:,.0f} tokens/s, ratio {engine / plain:.3f} "
+            f"(median of the per-round ratios {statistics.median(round_ratios):.3f})"
         )
         return plain, engine
     finally:
@@ -312,7 +323,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per loop per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop before the rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop before the rounds")
     parser.add_argument("--no-zero2", dest="zero2", action="store_false", help="skip the 2-rank ZeRO-2 run")
     parser.add_argument("--zero2-worker", dest="zero2_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

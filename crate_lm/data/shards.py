@@ -42,7 +42,7 @@ class ShardWriter:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self._file = None
-        self._starts: list[int] = []
+        self._starts: list[np.ndarray] = []
         self._tokens = 0
 
     def _open(self) -> None:
@@ -57,7 +57,7 @@ class ShardWriter:
         if self._file is None:
             self._open()
         starts = self._tokens + np.concatenate([[0], np.cumsum(doc_lengths[:-1])])
-        self._starts.extend(starts.tolist())
+        self._starts.append(starts)
         self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._tokens += int(tokens.size)
         if self._tokens >= self.shard_tokens:
@@ -67,9 +67,9 @@ class ShardWriter:
         if self._file is None:
             return
         self._file.close()
-        index = np.array(self._starts + [self._tokens], dtype=np.int64)
+        index = np.concatenate(self._starts + [np.array([self._tokens])]).astype(np.int64)
         np.save(self.folder / self._name.replace(".bin", ".idx.npy"), index)
-        self.shards.append({"file": self._name, "tokens": self._tokens, "documents": len(self._starts)})
+        self.shards.append({"file": self._name, "tokens": self._tokens, "documents": len(index) - 1})
         self._file = None
 
     def finish(self) -> list[dict]:
