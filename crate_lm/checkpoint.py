@@ -16,6 +16,7 @@ Loading never unpickles code: DeepSpeed's files are read with ``torch.load(weigh
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crate_lm.config import ConfigError, ModelConfig, RunConfig, dump_run_config, run_config_from_dict, to_dict
+from crate_lm.config import ConfigError, RunConfig, dump_run_config, run_config_from_dict, to_dict
 from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
 
 COMPLETE = "COMPLETE"
@@ -39,7 +40,7 @@ class CheckpointError(ValueError):
 
 def _safe_globals() -> list:
     """DeepSpeed value classes that appear inside its checkpoint files."""
-    allowed: list = [argparse_namespace()]
+    allowed: list = [argparse.Namespace]
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
@@ -59,12 +60,6 @@ def _safe_globals() -> list:
     except ImportError:
         pass
     return allowed
-
-
-def argparse_namespace():
-    import argparse
-
-    return argparse.Namespace
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -132,7 +127,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: Run
     rank = dist.get_rank()
     tag = tag_for(step)
     folder = root / tag
-    done = torch.tensor([int((folder / COMPLETE).is_file())])
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    done = torch.tensor([int((folder / COMPLETE).is_file())], device=device)  # nccl needs device tensors
     dist.broadcast(done, src=0)  # rank 0 decides, so every rank takes the same (collective) path
     if done.item():
         return folder  # a complete checkpoint is never rewritten
@@ -339,7 +335,6 @@ def load_run_tokenizer(path: str | Path, cfg: RunConfig | None = None):
 
 __all__ = [
     "CheckpointError",
-    "ModelConfig",
     "check_compatible",
     "complete_checkpoints",
     "load_model",

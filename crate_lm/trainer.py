@@ -305,6 +305,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
         self.peak_flops = self._peak_flops()
         self._stop_signal = 0
+        self._stop_agreed = False
         self.callbacks: list = []
         self.resumed_from: Path | None = None
         self.last_eval: dict = {}
@@ -454,11 +455,6 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    def _agreed_stop(self) -> bool:
-        flag = torch.tensor([self._stop_signal], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     # ---- steps ----
     def _forward(self, batch: dict):
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -472,9 +468,12 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().reshape(1)
-        dist.all_reduce(mean)
-        mean = mean.item() / self.world
+        # one collective per step: the mean loss and whether any rank was asked to stop (SIGTERM/SIGUSR1)
+        stats = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_signal), device=self.device)])
+        dist.all_reduce(stats)
+        mean, stop = stats.tolist()
+        mean /= self.world
+        self._stop_agreed = stop > 0
         applied = self.engine.was_step_applied() and math.isfinite(mean)
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
@@ -486,7 +485,7 @@ class Trainer:
         if not self.val_streams:
             return {}
         self.engine.eval()
-        totals = torch.zeros(3, dtype=torch.float64)  # sum of losses, tokens, correct
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # sum of losses, tokens, correct
         for stream in self.val_streams:
             for batch in self._loader(stream, 0, num_batches=self.cfg.train.eval_batches):
                 out = self._forward(batch)
@@ -579,7 +578,7 @@ class Trainer:
                     self._emit({"step": self.state.step, **self.last_eval})
                 if self.state.step % cfg.checkpoint.interval == 0 and self.state.step < cfg.train.max_steps:
                     self.save()
-                if self._agreed_stop():
+                if self._stop_agreed:
                     stopped_by = self._stop_signal or "a signal on another rank"
                     break
         finally:
