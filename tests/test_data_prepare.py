@@ -15,6 +15,7 @@ pytest.register_assert_rewrite("tests.data_fixtures")
 
 from crate_lm.data import DataError, SourceSpec, TokenShards, prepare_corpus, read_meta  # noqa: E402
 from tests.data_fixtures import (  # noqa: E402
+    all_documents,
     check_meta,
     decoded_documents,
     file_bytes,
@@ -747,3 +748,31 @@ def test_only_files_listed_in_meta_are_read(data, prepared):
         after = TokenShards(data, split).documents()
         assert len(after) == len(docs)
         assert all(np.array_equal(a, b) for a, b in zip(after, docs))
+
+
+def test_a_datasets_dataset_saved_to_disk_prepares_like_files(tmp_path, bpe_tokenizer, monkeypatch):
+    """The --dataset path (a folder written by save_to_disk; hub names go through the same code),
+    with a split chosen from a DatasetDict and the dataset sharded over two workers."""
+    import datasets
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = make_documents(120, seed=21, prefix="Set")
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"content": docs}), "test": datasets.Dataset.from_dict({"content": ["x"]})}
+    )
+    dd.save_to_disk(str(tmp_path / "saved"))
+    spec = SourceSpec(dataset=str(tmp_path / "saved"), dataset_split="train", text_field="content")
+    out = tmp_path / "out"
+    assert prepare_corpus(spec, bpe_tokenizer.path, out, worker=0, num_workers=2, show_progress=False) is None
+    meta = prepare_corpus(spec, bpe_tokenizer.path, out, worker=1, num_workers=2, show_progress=False)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == len(docs)
+    assert all_documents(out, bpe_tokenizer) == collections.Counter(docs)
+    with pytest.raises(DataError, match=r"no split 'validation' .*--dataset_split"):
+        prepare_corpus(SourceSpec(dataset=str(tmp_path / "saved"), dataset_split="validation", text_field="content"),
+                       bpe_tokenizer.path, tmp_path / "o2", show_progress=False)  # fmt: skip
+    with pytest.raises(DataError, match=r"no 'text' column .*set --text_field"):
+        prepare_corpus(
+            SourceSpec(dataset=str(tmp_path / "saved")), bpe_tokenizer.path, tmp_path / "o3", show_progress=False
+        )

@@ -56,9 +56,13 @@ def command(config: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
 
 
 def pretrain(config: Path, out: Path, *extra: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(config, out, *extra, nproc=nproc), env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command(config, out, *extra, nproc=nproc), env=env(), capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != expect and not exit_noise_after_success(proc, out):
-        raise AssertionError(f"exit {proc.returncode} (expected {expect}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode} (expected {expect}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -224,7 +228,9 @@ def wait_for(predicate, timeout: float = 120, interval: float = 0.005) -> bool:
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
     out = tmp_path / "run"
     long = ("--train.max_steps", "400", "--checkpoint.interval", "1000", "--train.eval_interval", "0")
-    proc = subprocess.Popen(command(corpus, out, *long), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(corpus, out, *long), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = out / "metrics.jsonl"
     assert wait_for(lambda: metrics.is_file() and len(losses(out)) >= 2)
     proc.send_signal(signal.SIGTERM)
@@ -303,7 +309,9 @@ def test_a_non_finite_step_is_skipped_and_logged(stage, corpus, tmp_path):
     out = tmp_path / "run"
     args = ["--config", str(corpus), "--train.out_dir", str(out), "--train.global_batch", "4",
             "--deepspeed.zero_stage", str(stage), "--checkpoint.interval", "1"]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(script), "3", *args], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "3", *args], env=env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     skipped = events(out, "skipped_nonfinite")
     assert [e["step"] for e in skipped] == [3]
@@ -323,7 +331,9 @@ def test_repeated_non_finite_steps_stop_with_the_last_good_weights(corpus, tmp_p
     out = tmp_path / "run"
     args = ["--config", str(corpus), "--train.out_dir", str(out), "--train.global_batch", "4",
             "--train.max_bad_steps", "3", "--checkpoint.interval", "1"]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(script), "2,3,4,5,6", *args], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), "2,3,4,5,6", *args], env=env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 3
     assert "3 non-finite steps in a row at step 4" in error_line(proc)
     from safetensors.torch import load_file
@@ -381,7 +391,10 @@ def test_generate_command_continues_a_prompt(single):
         ("malformed_yaml", r"^error: malformed YAML in .* at line \d+"),
         ("unknown_key", r"^error: unknown config key 'train\.lr'"),
         ("batch_does_not_divide", r"^error: train\.global_batch=10 is not divisible by .* 4 x 1"),
-        ("other_tokenizer", r"^error: .* was tokenized with tokenizer .*, not .*; use the tokenizer the data was prepared with"),
+        (
+            "other_tokenizer",
+            r"^error: .* was tokenized with tokenizer .*, not .*; use the tokenizer the data was prepared with",
+        ),
         ("other_architecture", r"^error: checkpoint .* is of another architecture \(model\.d_model differ\)"),
         ("vocab_too_small", r"^error: .*larger than the model's embedding \(model\.vocab_size=100\)"),
         ("missing_data", r"^error: no prepared data in .*nowhere"),
@@ -415,3 +428,12 @@ def test_bad_input_is_a_one_line_error(setup, message, corpus, single, tmp_path)
         extra = ["--deepspeed.precision", "fp16"]
     proc = pretrain(config, out, *extra, expect=2)
     assert re.search(message, error_line(proc)), error_line(proc)
+
+
+def test_zero2_with_optimizer_offload(corpus, single, tmp_path):
+    """Optimizer states on the CPU (DeepSpeedCPUAdam, built on first use) with our parameter
+    groups and schedule: same AdamW arithmetic, so the losses follow the ZeRO-0 run."""
+    out = tmp_path / "run"
+    pretrain(corpus, out, "--deepspeed.zero_stage", "2", "--deepspeed.offload_optimizer", "true", "--train.max_steps", "3",
+             "--train.eval_interval", "0")  # fmt: skip
+    assert_close_losses(losses(out), losses(single), [1, 2, 3], tol=1e-4)

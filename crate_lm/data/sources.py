@@ -240,7 +240,8 @@ def dataset_documents(spec: SourceSpec, worker: int = 0, num_workers: int = 1) -
     import datasets
 
     local = Path(spec.dataset)
-    if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()):
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+    if local.is_dir() and any((local / m).exists() for m in markers):
         ds = datasets.load_from_disk(str(local))
         if isinstance(ds, datasets.DatasetDict):
             if spec.dataset_split not in ds:
@@ -252,8 +253,10 @@ def dataset_documents(spec: SourceSpec, worker: int = 0, num_workers: int = 1) -
             ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.dataset_split, streaming=True)
         except Exception as err:  # network, unknown name, missing config: all surface here
             raise DataError(f"cannot load dataset '{spec.dataset}': {str(err).splitlines()[0]}") from None
-        if num_workers > 1:
+        if num_workers > 1 and ds.num_shards >= num_workers:
             ds = ds.shard(num_shards=num_workers, index=worker)
+        elif num_workers > 1:  # fewer files than workers: every worker reads the stream, keeps its n-th records
+            ds = ds.filter(lambda _, i: i % num_workers == worker, with_indices=True)
     columns = ds.column_names or []
     if columns and spec.text_field not in columns:
         raise DataError(
