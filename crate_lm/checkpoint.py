@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crate_lm.config import ConfigError, RunConfig, dump_run_config, run_config_from_dict, to_dict
+from crate_lm.config import ConfigError, RunConfig, dump_run_config, load_run_config, to_dict
 from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
 
 COMPLETE = "COMPLETE"
@@ -188,19 +188,13 @@ def load_trainer_state(folder: Path) -> dict:
 
 def check_compatible(folder: Path, cfg: RunConfig) -> None:
     """Refuse to resume a checkpoint of another architecture, with the differing fields named."""
-    saved = run_config_from_dict(_read_yaml(folder / "config.yaml"))
+    saved = load_run_config(folder / "config.yaml")
     if saved.model != cfg.model:
         diff = [k for k, v in to_dict(cfg.model).items() if to_dict(saved.model).get(k) != v]
         raise CheckpointError(
             f"checkpoint {folder} is of another architecture (model.{', model.'.join(diff)} differ); "
             "use the model config it was trained with, or a new train.out_dir"
         )
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def load_rng(folder: Path, rank: int) -> dict | None:
@@ -283,6 +277,17 @@ def load_zero12_resharded(engine, folder: Path) -> None:
 # ---- outside the training job ------------------------------------------------------------------
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's latest complete checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/")
+        return found[-1]
+    return path
+
+
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a trained model in one call from a checkpoint folder (or a run folder: its latest
     complete checkpoint). Returns ``(model, run_config)``; the model is in eval mode."""
@@ -290,17 +295,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
 
     from crate_lm.model import build_model
 
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise CheckpointError(f"{path}: no complete checkpoint under checkpoints/")
-        path = found[-1]
+    path = resolve_checkpoint(path)
     weights, config = path / "model.safetensors", path / "config.yaml"
     if not weights.is_file() or not config.is_file():
         raise CheckpointError(f"{path} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
     try:
-        cfg = run_config_from_dict(_read_yaml(config))
+        cfg = load_run_config(config)
     except ConfigError as err:
         raise CheckpointError(f"{config}: {err}") from None
     model = build_model(cfg.model)
@@ -319,9 +319,8 @@ def load_run_tokenizer(path: str | Path, cfg: RunConfig | None = None):
     checked against the fingerprint the checkpoint saved."""
     from crate_lm.data import load_tokenizer, read_meta
 
-    path = Path(path)
-    folder = complete_checkpoints(path / "checkpoints")[-1] if (path / "checkpoints").is_dir() else path
-    cfg = cfg or run_config_from_dict(_read_yaml(folder / "config.yaml"))
+    folder = resolve_checkpoint(path)
+    cfg = cfg or load_run_config(folder / "config.yaml")
     tok_path = cfg.data.tokenizer or read_meta(cfg.data.path[0])["tokenizer"]["path"]
     tokenizer = load_tokenizer(tok_path)
     expected = load_trainer_state(folder).get("tokenizer_fingerprint")

@@ -490,11 +490,11 @@ class Trainer:
             for batch in self._loader(stream, 0, num_batches=self.cfg.train.eval_batches):
                 out = self._forward(batch)
                 labels = batch["labels"].to(self.device)
-                n = (labels != -100).sum()
-                totals[0] += out.loss.double().item() * n.item()
-                totals[1] += n.item()
+                scored = labels != -100
+                totals[0] += out.loss.double() * scored.sum()  # accumulated on the device: no sync per batch
+                totals[1] += scored.sum()
                 if self.cfg.model.task == "masked":
-                    totals[2] += ((out.logits.argmax(-1) == labels) & (labels != -100)).sum().item()
+                    totals[2] += ((out.logits.argmax(-1) == labels) & scored).sum()
         dist.all_reduce(totals)
         loss = (totals[0] / totals[1]).item()
         record = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
