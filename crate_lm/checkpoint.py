@@ -5,9 +5,11 @@ A run's ``checkpoints/`` folder holds one folder per saved step::
     step_00000200/
         (DeepSpeed's model / optimizer / scheduler shards, written by engine.save_checkpoint)
         rng_rank00000.pt ...       each rank's RNG states (python, numpy, torch, cuda)
-        trainer_state.json         step, samples and tokens consumed, tokenizer fingerprint, world size
+        trainer_state.json         step, samples and tokens consumed, tokenizer fingerprint, world size,
+                                   health (``sound``: saved while the loss and the weights were healthy)
         config.yaml                the effective run config
-        model.safetensors          consolidated weights (load with ``load_model``)
+        model.safetensors          consolidated weights (load with ``load_model``); its metadata
+                                   records the model config, so the weights know their architecture
         COMPLETE                   written last: only folders that have it are ever resumed from
 
 Loading never unpickles code: DeepSpeed's files are read with ``torch.load(weights_only=True)``
@@ -27,14 +29,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from crate_lm.config import ConfigError, RunConfig, dump_run_config, load_run_config, to_dict
+from crate_lm.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    dump_run_config,
+    load_run_config,
+    model_config_from_dict,
+    to_dict,
+)
+from crate_lm.errors import CrateLMError
 from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
 
 COMPLETE = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CrateLMError):
     """A checkpoint cannot be used as asked; the message says why and what to do."""
 
 
@@ -63,9 +74,26 @@ def _safe_globals() -> list:
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """torch.load that never runs code from the file (weights_only, with the allowlist above)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load that never runs code from the file (weights_only, with the allowlist above).
+
+    A file that holds anything but tensors and plain values, or that is not a torch file at all,
+    is a one-line CheckpointError naming it."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file missing; the checkpoint is incomplete, resume from another one") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        found = re.search(r"(?:GLOBAL|global|Unsupported class) ([\w.]+)", str(err))
+        if isinstance(err, pickle.UnpicklingError) and found:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds Python objects ({found.group(1)}) that would run code when "
+                "read, not just tensors; crate_lm never writes such files, so it was replaced or tampered with. "
+                "Use a checkpoint from a run you trust"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch file: it is truncated or corrupt") from None
 
 
 def install_safe_loading(engine) -> None:
@@ -120,8 +148,10 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: RunConfig, keep_last: int) -> Path:
-    """Save on every rank (collective); rank 0 finishes the folder and prunes old ones."""
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: RunConfig) -> Path:
+    """Save on every rank (collective); rank 0 writes the consolidated weights, the config and
+    the trainer state, checks the weights (``weights_finite``, ``max_abs_weight`` join the
+    trainer state), and marks the folder COMPLETE last."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -143,16 +173,87 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: Run
     if rank == 0:
         from safetensors.torch import save_file
 
+        finite = all(bool(torch.isfinite(v).all()) for v in state_dict.values() if v.is_floating_point())
+        max_abs = max((float(v.abs().max()) for v in state_dict.values() if v.numel() and finite), default=0.0)
+        trainer_state = {**trainer_state, "weights_finite": finite, "max_abs_weight": max_abs if finite else None}
+        trainer_state["sound"] = bool(trainer_state.get("sound", True) and finite)
         tmp = folder / ".model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=weights_metadata(cfg))
         tmp.rename(folder / "model.safetensors")
         atomic_write_bytes(folder / "config.yaml", dump_run_config(cfg).encode())
         atomic_write_json(folder / "trainer_state.json", trainer_state)
         atomic_write_bytes(folder / COMPLETE, b"")
-        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return folder
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder, its COMPLETE marker first: an interrupted removal never
+    leaves a partial folder that still looks complete."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---- what a checkpoint is ------------------------------------------------------------------
+
+WEIGHTS_MODEL_KEY = "crate_lm.model"
+"""safetensors metadata key holding the model config (JSON) the weights belong to."""
+
+RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "attn_impl", "dropout", "attn_dropout", "init_std")
+"""Model settings that change neither the parameters nor the function a checkpoint computes:
+they may differ between a checkpoint and the run that resumes or loads it."""
+
+
+def architecture(model: ModelConfig) -> dict[str, Any]:
+    """The model config fields that define the parameters and the function."""
+    return {k: v for k, v in to_dict(model).items() if k not in RUNTIME_MODEL_FIELDS}
+
+
+def weights_metadata(cfg: RunConfig) -> dict[str, str]:
+    return {
+        "format": "pt",
+        WEIGHTS_MODEL_KEY: json.dumps(to_dict(cfg.model), sort_keys=True),
+        "crate_lm.precision": cfg.deepspeed.precision,
+    }
+
+
+def checkpoint_model_config(folder: Path) -> ModelConfig | None:
+    """The model config recorded inside ``folder/model.safetensors`` (None for files written
+    before it was recorded)."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(
+            f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt"
+        ) from None
+    if WEIGHTS_MODEL_KEY not in meta:
+        return None
+    return model_config_from_dict(json.loads(meta[WEIGHTS_MODEL_KEY]), where=f"{weights} metadata")
+
+
+def differing(a: dict, b: dict, prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" for k in a if a.get(k) != b.get(k)]
+
+
+def read_checkpoint_config(folder: Path) -> RunConfig:
+    """``folder/config.yaml``, checked against the architecture recorded in the weights."""
+    config = folder / "config.yaml"
+    try:
+        cfg = load_run_config(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{config}: {err}") from None
+    recorded = checkpoint_model_config(folder) if (folder / "model.safetensors").is_file() else None
+    if recorded is not None and architecture(recorded) != architecture(cfg.model):
+        diff = differing(architecture(recorded), architecture(cfg.model), "model")
+        raise CheckpointError(
+            f"{config} does not describe the weights in {folder / 'model.safetensors'} ({', '.join(diff)} differ): "
+            "the config file was replaced; restore the checkpoint's own config.yaml"
+        )
+    return cfg
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -183,18 +284,26 @@ def consolidated_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+    path = folder / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {folder} is not a complete crate_lm checkpoint") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt ({err.msg}); resume from another checkpoint") from None
 
 
-def check_compatible(folder: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a checkpoint of another architecture, with the differing fields named."""
-    saved = load_run_config(folder / "config.yaml")
-    if saved.model != cfg.model:
-        diff = [k for k, v in to_dict(cfg.model).items() if to_dict(saved.model).get(k) != v]
+def check_compatible(folder: Path, cfg: RunConfig) -> RunConfig:
+    """Refuse to resume a checkpoint of another architecture (the differing fields named);
+    returns the checkpoint's own config. Runtime-only model settings may differ."""
+    saved = read_checkpoint_config(folder)
+    if architecture(saved.model) != architecture(cfg.model):
+        diff = differing(architecture(cfg.model), architecture(saved.model), "model")
         raise CheckpointError(
-            f"checkpoint {folder} is of another architecture (model.{', model.'.join(diff)} differ); "
+            f"checkpoint {folder} is of another architecture ({', '.join(diff)} differ); "
             "use the model config it was trained with, or a new train.out_dir"
         )
+    return saved
 
 
 def load_rng(folder: Path, rank: int) -> dict | None:
@@ -226,8 +335,6 @@ def load_zero12_resharded(engine, folder: Path) -> None:
         load_lr_scheduler_states=False,
     )
     states = safe_torch_load(folder / "mp_rank_00_model_states.pt")
-    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     engine.global_steps = states["global_steps"]
     engine.global_samples = states["global_samples"]
     engine.skipped_steps = states["skipped_steps"]
@@ -271,7 +378,6 @@ def load_zero12_resharded(engine, folder: Path) -> None:
             state[key] = cut([s[key] for s in saved], paddings).clone()
         state["step"] = saved[0]["step"].clone()
         group["step"] = old[0]["base_optimizer_state"]["param_groups"][i].get("step", 0)
-        group["lr"] = old[0]["base_optimizer_state"]["param_groups"][i]["lr"]  # the scheduler's load does not set it
 
 
 # ---- outside the training job ------------------------------------------------------------------
@@ -299,17 +405,28 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     weights, config = path / "model.safetensors", path / "config.yaml"
     if not weights.is_file() or not config.is_file():
         raise CheckpointError(f"{path} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
-    try:
-        cfg = load_run_config(config)
-    except ConfigError as err:
-        raise CheckpointError(f"{config}: {err}") from None
+    cfg = read_checkpoint_config(path)
     model = build_model(cfg.model)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a bad file
         raise CheckpointError(
-            f"{weights} does not fit the model in {config} (missing: {missing[:3]}, unexpected: {unexpected[:3]})"
+            f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt"
+        ) from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{weights} does not fit the model in {config} (missing: {missing[:3]}, unexpected: {unexpected[:3]}, "
+            f"other shapes: {wrong[:3]})"
         )
+    model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
     return model, cfg
 

@@ -1,10 +1,63 @@
-"""The ``crate-lm`` command line (python-fire): ``crate-lm --help`` lists the commands."""
+"""The ``crate-lm`` command line (python-fire): ``crate-lm --help`` lists the commands.
+
+User errors (a bad path, preset or argument) print one ``error: ...`` line on stderr and exit
+with code 2 (see :mod:`crate_lm.errors`).
+"""
 
 from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
 
 import fire
 
 from crate_lm.config import model_config_from_dict
+from crate_lm.errors import CrateLMError, run_cli
+
+_ESCAPE = re.compile(r"\\([\\nt])")
+_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t"}
+
+
+def unescape_prompt(text: str) -> str:
+    r"""``\n``, ``\t`` and ``\\`` in ``text`` as newline, tab and one backslash; other text as is."""
+    return _ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_generate_args(max_new_tokens: Any, temperature: Any, top_k: Any, seed: Any) -> None:
+    """Reject impossible sampling arguments before anything is loaded."""
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
+        raise CrateLMError(f"--max_new_tokens must be a whole number > 0, got {max_new_tokens!r}")
+    if not (_is_int(temperature) or isinstance(temperature, float)) or not math.isfinite(temperature):
+        raise CrateLMError(f"--temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if temperature < 0:
+        raise CrateLMError(f"--temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k <= 0):
+        raise CrateLMError(f"--top_k must be a whole number > 0, or None for no top-k, got {top_k!r}")
+    if not _is_int(seed):
+        raise CrateLMError(f"--seed must be a whole number, got {seed!r}")
+
+
+def _load_for_generation(run: str):
+    """(model, run config, tokenizer) of a run folder or checkpoint folder, or a CrateLMError."""
+    path = Path(run)  # checked before torch is imported
+    if not path.exists():
+        raise CrateLMError(f"{run}: no such run or checkpoint folder")
+    if not path.is_dir():
+        raise CrateLMError(f"{run} is a file; pass a run folder or a checkpoint folder")
+    from crate_lm.checkpoint import CheckpointError, load_model, load_run_tokenizer, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    model, cfg = load_model(folder)
+    if cfg.model.task != "causal":
+        raise CheckpointError(f"{folder} holds a {cfg.model.task} model; generate needs model.task: causal")
+    return model, cfg, load_run_tokenizer(folder, cfg)
 
 
 class CrateLM:
@@ -16,14 +69,14 @@ class CrateLM:
 
         print(preset_table())
 
-    def size(self, preset: str = "tiny", **overrides) -> dict:
+    def size(self, preset: str = "tiny", **overrides: Any) -> dict:
         """Parameters, training FLOPs per token and cache bytes of a model config.
 
         Example: crate-lm size --preset 7b --ista overcomplete
         """
+        cfg = model_config_from_dict({"preset": preset, **overrides})  # checked before torch is imported
         from crate_lm.model import cache_bytes_per_token, flops_per_token, param_count
 
-        cfg = model_config_from_dict({"preset": preset, **overrides})
         return {
             "params": param_count(cfg),
             "non_embedding_params": param_count(cfg, embeddings=False),
@@ -31,6 +84,7 @@ class CrateLM:
             "cache_bytes_per_token_bf16": cache_bytes_per_token(cfg),
         }
 
+    @fire.decorators.SetParseFns(run=str, prompt=str)
     def generate(
         self,
         run: str,
@@ -40,26 +94,45 @@ class CrateLM:
         top_k: int | None = 50,
         seed: int = 0,
     ) -> str:
-        """Continue a prompt with a trained causal model (a run folder or a checkpoint folder).
+        r"""Continue a prompt with a trained causal model (a run folder or a checkpoint folder).
+
+        The prompt is always text; in it ``\n`` is a newline, ``\t`` a tab and ``\\`` one
+        backslash. Generation stops at the model's context (model.max_seq_len), with a note on
+        stderr when that cuts it short. temperature 0 is greedy; top_k None samples from the
+        whole vocabulary.
 
         Example: crate-lm generate runs/default --prompt "ROMEO\n" --max_new_tokens 200
         """
+        _check_generate_args(max_new_tokens, temperature, top_k, seed)
+        prompt = unescape_prompt(prompt)
+        model, cfg, tokenizer = _load_for_generation(run)
+
         import torch
 
-        from crate_lm.checkpoint import load_model, load_run_tokenizer
         from crate_lm.model import generate
 
-        model, cfg = load_model(run)
-        tokenizer = load_run_tokenizer(run, cfg)
+        context = cfg.model.max_seq_len
         ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
-        new = min(max_new_tokens, cfg.model.max_seq_len - len(ids))
+        if len(ids) >= context:
+            raise CrateLMError(
+                f"the prompt is {len(ids)} tokens, but the model's context (model.max_seq_len) is {context} "
+                f"tokens; shorten the prompt to at most {context - 1} tokens"
+            )
+        new = min(max_new_tokens, context - len(ids))
+        if new < max_new_tokens:
+            print(f"note: stopped after {new} new tokens: the model's context is {context} tokens", file=sys.stderr)
         generator = torch.Generator().manual_seed(seed)
         out = generate(model, torch.tensor([ids]), new, temperature=temperature, top_k=top_k, generator=generator)
         return tokenizer.decode(out[0].tolist())
 
 
-def main() -> None:
+def _fire() -> int:
     fire.Fire(CrateLM, name="crate-lm")
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli(_fire))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from crate_lm.errors import CrateLMError
 
-class ConfigError(ValueError):
+
+class ConfigError(CrateLMError):
     """A configuration value, key or file is wrong; the message says which and how to fix it."""
 
 
@@ -125,6 +127,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}" if where and not str(err).startswith(where) else str(err)) from None
+
+
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise ConfigError ``key must be RULE, got VALUE`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -345,20 +353,63 @@ class DataConfig:
     mlm_prob: float = 0.15
     """Masked-LM selection rate (task: masked)."""
 
+    def __post_init__(self) -> None:
+        require(len(self.path) > 0, "data.path", "at least one prepared data folder", self.path)
+        if self.weights is not None:
+            require(
+                all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+                "data.weights",
+                "non-negative and not all zero",
+                self.weights,
+            )
+        require(self.seq_len is None or self.seq_len >= 1, "data.seq_len", ">= 1", self.seq_len)
+        require(self.num_workers >= 0, "data.num_workers", ">= 0 (0 reads in the training process)", self.num_workers)
+        require(0.0 < self.mlm_prob < 1.0, "data.mlm_prob", "in (0, 1)", self.mlm_prob)
+
+
+Schedule = Literal["cosine", "wsd", "constant"]
+
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW (decay on matrices only), linear warmup, cosine decay to a floor, clipping."""
+    """AdamW (decay on matrices only), linear warmup, then a decay to a floor; clipping.
+
+    Every field here may change when a run resumes: the new values are applied from the resumed
+    step on (the schedule is a function of the step and these fields, nothing else is restored).
+    """
 
     lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 1e-4
+    """Floor the decay ends at (0 <= min_lr <= lr)."""
     warmup_steps: int = 20
+    """Linear warmup from lr / warmup_steps to lr."""
+    schedule: Schedule = "cosine"
+    """'cosine': decay right after warmup over decay_steps, then min_lr. 'wsd' (warmup-stable-decay):
+    lr until the last decay_steps of train.max_steps, then linear to min_lr; extending max_steps on
+    resume before the decay began just moves the decay. 'constant': lr after warmup."""
+    decay_steps: int | None = None
+    """Length of the decay phase. Default, fixed when the run first starts and kept on resume:
+    cosine max_steps - warmup_steps; wsd 20% of max_steps. Steps past a cosine decay stay at min_lr."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "optim.lr", "> 0", self.lr)
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"between 0 and optim.lr ({self.lr})", self.min_lr)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        require(
+            self.decay_steps is None or self.decay_steps >= 1, "optim.decay_steps", ">= 1 (or unset)", self.decay_steps
+        )
+        require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"optim.{name}", "in [0, 1)", getattr(self, name))
+        require(self.eps > 0, "optim.eps", "> 0", self.eps)
+        require(self.grad_clip >= 0, "optim.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
 
 
 @dataclasses.dataclass
@@ -384,10 +435,43 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
     max_bad_steps: int = 5
-    """Stop (with a checkpoint of the last good state) after this many non-finite steps in a row."""
+    """Stop after this many non-finite steps in a row (each is skipped: the weights stay as they were)."""
+    spike_sigmas: float = 6.0
+    """A step whose loss is more than this many standard deviations above the mean of the last
+    spike_window applied steps is a loss spike (0 disables detection)."""
+    spike_window: int = 50
+    """Steps of loss history the spike test compares with (it starts once half of them are seen)."""
+    max_spike_steps: int = 10
+    """Stop after this many loss spikes in a row: the run is diverging; the error names the newest
+    sound checkpoint (one saved while the loss and the weights were healthy)."""
     sample_prompt: str = ""
     """Text to continue at the end of a causal run (empty: start from end-of-document)."""
     sample_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        require(bool(self.out_dir), "train.out_dir", "a folder path", self.out_dir)
+        for name in (
+            "micro_batch",
+            "max_steps",
+            "eval_batches",
+            "log_interval",
+            "max_bad_steps",
+            "spike_window",
+            "max_spike_steps",
+        ):
+            require(getattr(self, name) >= 1, f"train.{name}", ">= 1", getattr(self, name))
+        require(self.grad_accum is None or self.grad_accum >= 1, "train.grad_accum", ">= 1 (or unset)", self.grad_accum)
+        require(
+            self.global_batch is None or self.global_batch >= 1,
+            "train.global_batch",
+            ">= 1 (or unset)",
+            self.global_batch,
+        )
+        require(
+            self.eval_interval >= 0, "train.eval_interval", ">= 0 (0: evaluate only at the end)", self.eval_interval
+        )
+        require(self.spike_sigmas >= 0, "train.spike_sigmas", ">= 0 (0 disables spike detection)", self.spike_sigmas)
+        require(self.sample_tokens >= 0, "train.sample_tokens", ">= 0", self.sample_tokens)
 
 
 @dataclasses.dataclass
@@ -403,14 +487,27 @@ class DeepSpeedSection:
     config: dict = dataclasses.field(default_factory=dict)
     """Raw DeepSpeed JSON entries merged over the derived config (batch sizes may not be contradicted)."""
 
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 2 or 3")
+
 
 @dataclasses.dataclass
 class CheckpointConfig:
     interval: int = 100
     """Save every this many steps (and at the end, and on SIGTERM/SIGUSR1)."""
     keep_last: int = 3
+    """Complete checkpoints kept (0 keeps all); the newest sound one is never removed."""
     resume: str = "auto"
-    """'auto' (latest complete checkpoint in out_dir, if any), 'never', or a checkpoint folder."""
+    """'auto' (newest complete and sound checkpoint in out_dir, if any), 'never', or a checkpoint folder."""
+
+    def __post_init__(self) -> None:
+        require(self.interval >= 1, "checkpoint.interval", ">= 1", self.interval)
+        require(self.keep_last >= 0, "checkpoint.keep_last", ">= 0 (0 keeps all)", self.keep_last)
+        require(bool(self.resume), "checkpoint.resume", "'auto', 'never' or a checkpoint folder", self.resume)
 
 
 @dataclasses.dataclass
@@ -431,12 +528,6 @@ class RunConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.deepspeed.zero_stage}")
-        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
-            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
-        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage < 2:
-            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 2 or 3")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.path):
             raise ConfigError(
                 f"data.weights has {len(self.data.weights)} entries for {len(self.data.path)} data.path entries"
@@ -444,9 +535,6 @@ class RunConfig:
         seq = self.data.seq_len or self.model.max_seq_len
         if seq > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len ({seq}) exceeds model.max_seq_len ({self.model.max_seq_len})")
-        for name in ("micro_batch", "max_steps"):
-            if getattr(self.train, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
 
     def batch_plan(self, world_size: int) -> tuple[int, int, int]:
         """(micro_batch, grad_accum, global_batch) for ``world_size`` ranks; a clear error when they cannot agree."""

@@ -8,6 +8,7 @@ network, no downloads. The session fixtures train one tokenizer and prepare one 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -153,3 +154,33 @@ def concatenated(root: Path, split: str = "train") -> tuple[np.ndarray, np.ndarr
     stream = np.concatenate(docs)
     doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
     return stream, doc_of
+
+
+def write_token_shards(root: Path, shard_doc_lengths: list[np.ndarray], *, vocab_size: int = 512) -> Path:
+    """A prepared ``train`` split written directly (no tokenizer): shard k holds documents of the
+    given lengths, token j of the split being j % vocab_size. For large synthetic corpora."""
+    folder = root / "part-00000-of-00001"
+    folder.mkdir(parents=True)
+    dtype = np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    entries, first = [], 0
+    for k, lengths in enumerate(shard_doc_lengths):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        tokens = int(lengths.sum())
+        (np.arange(first, first + tokens) % vocab_size).astype(dtype).tofile(folder / f"train-{k:05d}.bin")
+        np.save(folder / f"train-{k:05d}.idx.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        entries.append({"file": f"{folder.name}/train-{k:05d}.bin", "tokens": tokens, "documents": len(lengths)})
+        first += tokens
+    meta = {
+        "format": "crate_lm.token_shards.v1",
+        "dtype": dtype.name,
+        "tokenizer": {"fingerprint": "synthetic", "vocab_size": vocab_size},
+        "splits": {
+            "train": {
+                "tokens": first,
+                "documents": sum(e["documents"] for e in entries),
+                "shards": entries,
+            }
+        },
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import pickle
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from crate_lm.data import (  # noqa: E402
     make_loader,
     mask_tokens,
 )
-from tests.data_fixtures import concatenated  # noqa: E402
+from tests.data_fixtures import concatenated, write_token_shards  # noqa: E402
 
 pytest_plugins = ["tests.data_fixtures"]
 
@@ -303,6 +305,58 @@ def test_reset_at_documents(prepared, seq_len):
         masked_total += int(crosses.sum())
     covered = stream[: len(dataset) * seq_len]
     assert masked_total == np.count_nonzero(covered == eod) > 50  # every boundary in the samples was checked
+
+
+def test_document_bounds_agree_with_the_document_starts(prepared):
+    shards = TokenShards(prepared.root, "train")
+    starts = shards.document_starts()
+    assert len(shards.shards) >= 3 and len(starts) == shards.num_documents
+    n = shards.num_tokens
+    boundaries = [int(o) for o in shards.offsets[1:-1]]
+    ranges = [(0, n), (0, 1), (n - 1, 1), (5, 0)]
+    ranges += [(b - 7, 15) for b in boundaries] + [(boundaries[0] - 3, boundaries[1] - boundaries[0] + 6)]
+    rng = np.random.default_rng(0)
+    ranges += [(int(a), int(rng.integers(0, min(200, n - a) + 1))) for a in rng.integers(0, n, size=50)]
+    for start, length in ranges:
+        doc, doc_start = shards.document_bounds(start, length)
+        positions = np.arange(start, start + length)
+        expected = np.searchsorted(starts, positions, side="right") - 1
+        assert doc.dtype == doc_start.dtype == np.int64
+        assert np.array_equal(doc, expected)
+        assert np.array_equal(doc_start, starts[expected])
+    for start, length in [(-1, 2), (n - 2, 3)]:
+        with pytest.raises(IndexError):
+            shards.document_bounds(start, length)
+
+
+def test_reset_at_documents_reads_the_index_memory_mapped(tmp_path):
+    """Document bounds come from memory-mapped per-shard indexes: reading samples of a split whose
+    indexes hold 1.2M entries (~10 MB) allocates almost nothing, and a pickled dataset (what
+    DataLoader workers receive) carries no index."""
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(1, 5, size=400_000) for _ in range(3)]
+    root = write_token_shards(tmp_path / "big", lengths)
+    seq_len = 64
+    tracemalloc.start()
+    try:
+        shards = TokenShards(root, "train")
+        dataset = PackedTokenDataset(shards, seq_len, reset_at_documents=True)
+        boundary = int(shards.offsets[1]) // seq_len  # a sample across the first shard boundary
+        picks = [0, 1, boundary, len(dataset) // 2, len(dataset) - 1]
+        samples = [dataset[i] for i in picks]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peak {peak} bytes: the document index was read into memory"
+    assert len(pickle.dumps(dataset)) < 64 << 10
+    starts = shards.document_starts()  # built only here, to check the samples
+    for i, sample in zip(picks, samples):
+        span = np.arange(i * seq_len, (i + 1) * seq_len + 1)
+        doc = np.searchsorted(starts, span, side="right") - 1
+        assert np.array_equal(sample["position_ids"], span[:-1] - starts[doc[:-1]])
+        assert np.array_equal(sample["document_ids"], doc[:-1] - doc[0])
+        assert np.array_equal(sample["labels"], np.where(doc[1:] != doc[:-1], IGNORE, span[1:] % 512))
+    assert samples[2]["document_ids"][-1] > 0  # the boundary sample spans documents of two shards
 
 
 def test_too_short_split(prepared):

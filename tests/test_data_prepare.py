@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -737,6 +738,160 @@ def test_document_index_disagrees_with_meta(data):
         shards.document_starts()
 
 
+@pytest.mark.parametrize("corrupt", ["first_entry", "count"])
+def test_document_index_start_or_count_disagrees_with_meta(data, corrupt):
+    path, tokens = _shard(data, "train", 1)
+    idx = path.with_name(path.name.replace(".bin", ".idx.npy"))
+    index = np.load(idx)
+    np.save(idx, np.concatenate([[1], index[1:]]) if corrupt == "first_entry" else index[1:])
+    with pytest.raises(DataError, match=f"document index of {re.escape(str(path))}.* disagrees with meta.json"):
+        TokenShards(data, "train").document_starts()
+
+
+def _damage_index(idx: Path, how: str) -> None:
+    if how == "half":
+        idx.write_bytes(idx.read_bytes()[: idx.stat().st_size // 2])
+    elif how == "header_only":
+        idx.write_bytes(idx.read_bytes()[:100])
+    elif how == "garbage":
+        idx.write_bytes(bytes(range(256)) * 3)
+    elif how == "empty":
+        idx.write_bytes(b"")
+    elif how == "float":
+        np.save(idx, np.load(idx).astype(np.float64))
+    elif how == "missing":
+        idx.unlink()
+
+
+@pytest.mark.parametrize("how", ["half", "header_only", "garbage", "empty", "float", "missing"])
+def test_truncated_or_corrupt_document_index(data, how):
+    from crate_lm.data import PackedTokenDataset
+
+    path, _ = _shard(data, "train", 1)
+    idx = path.with_name(path.name.replace(".bin", ".idx.npy"))
+    _damage_index(idx, how)
+    shards = TokenShards(data, "train")
+    assert shards.read(0, 10).shape == (10,)  # the tokens themselves are still readable
+    for use in (
+        shards.document_starts,
+        lambda: TokenShards(data, "train").document_bounds(0, shards.num_tokens),
+        lambda: PackedTokenDataset(TokenShards(data, "train"), 16, reset_at_documents=True),
+    ):
+        with pytest.raises(DataError) as info:
+            use()
+        msg = str(info.value)
+        assert str(idx) in msg and "prepare" in msg and "again" in msg
+        assert "\n" not in msg
+    assert len(PackedTokenDataset(TokenShards(data, "train"), 16)) > 0  # plain packing needs no index
+
+
+# meta.json: every field the readers use, removed one at a time
+META_FIELDS = [
+    ("dtype",),
+    ("tokenizer",),
+    ("tokenizer", "fingerprint"),
+    ("tokenizer", "vocab_size"),
+    ("splits",),
+    ("splits", "train", "shards"),
+    ("splits", "validation", "shards"),
+    ("splits", "train", "shards", 1, "file"),
+    ("splits", "train", "shards", 0, "tokens"),
+    ("splits", "validation", "shards", 0, "documents"),
+]
+
+
+def _field_name(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+@pytest.mark.parametrize("path", META_FIELDS, ids=_field_name)
+def test_meta_missing_a_field(data, path):
+    meta_path = data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    parent = meta
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    meta_path.write_text(json.dumps(meta))
+    for read in (read_meta, TokenShards):
+        with pytest.raises(DataError) as info:
+            read(data)
+        msg = str(info.value)
+        assert f"{meta_path}: the field '{_field_name(path)}' is missing" in msg
+        assert "prepare the data again" in msg
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        (("dtype",), 16, "'dtype' must be a string, not 16"),
+        (("tokenizer",), "bpe", "'tokenizer' must be an object"),
+        (("tokenizer", "vocab_size"), "512", "'tokenizer.vocab_size' must be a positive integer, not '512'"),
+        (("tokenizer", "vocab_size"), 0, "'tokenizer.vocab_size' must be a positive integer, not 0"),
+        (("splits", "train"), [], "'splits.train' must be an object"),
+        (("splits", "train", "shards"), {}, "'splits.train.shards' must be a list"),
+        (("splits", "train", "shards", 0), "train-00000.bin", "'splits.train.shards[0]' must be an object"),
+        (("splits", "train", "shards", 0, "tokens"), -1, "'splits.train.shards[0].tokens' must be a non-negative"),
+        (("splits", "train", "shards", 0, "documents"), 2.5, "'splits.train.shards[0].documents' must be a non-neg"),
+        (("splits", "train", "shards", 0, "tokens"), True, "'splits.train.shards[0].tokens' must be a non-negative"),
+    ],
+)
+def test_meta_field_of_the_wrong_type(data, path, value, expected):
+    meta_path = data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    parent = meta
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError) as info:
+        read_meta(data)
+    assert f"{meta_path}: the field {expected}" in str(info.value)
+
+
+def test_meta_that_is_not_an_object(data):
+    (data / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="is not crate_lm.token_shards.v1"):
+        read_meta(data)
+    (data / "meta.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(DataError, match="corrupt"):
+        read_meta(data)
+
+
+@pytest.mark.parametrize(
+    "vocab, dtype, expected",
+    [
+        (70000, "uint16", "dtype uint16 disagrees with tokenizer.vocab_size=70000, which is stored as uint32"),
+        (512, "uint32", "dtype uint32 disagrees with tokenizer.vocab_size=512, which is stored as uint16"),
+        (512, "int32", "dtype 'int32' is not uint16 or uint32"),
+        (512, "float16", "dtype 'float16' is not uint16 or uint32"),
+        (512, "no-such-type", "dtype 'no-such-type' is not uint16 or uint32"),
+    ],
+)
+def test_meta_vocab_size_disagrees_with_dtype(data, vocab, dtype, expected):
+    meta_path = data / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"]["vocab_size"], meta["dtype"] = vocab, dtype
+    meta_path.write_text(json.dumps(meta))
+    for read in (read_meta, TokenShards):
+        with pytest.raises(DataError) as info:
+            read(data)
+        msg = str(info.value)
+        assert msg.startswith(f"{meta_path}: {expected}")
+        assert "prepare the data again" in msg
+
+
+def test_tokenizer_vocab_size_mismatch(data, prepared):
+    vocab = prepared.tokenizer.vocab_size
+    assert TokenShards(data, tokenizer_vocab_size=vocab).vocab_size == vocab
+    for wrong in (vocab - 1, vocab + 1, 70000):
+        with pytest.raises(DataError) as info:
+            TokenShards(data, "validation", tokenizer_vocab_size=wrong)
+        msg = str(info.value)
+        assert f"{data} was prepared with a tokenizer of {vocab} tokens but the tokenizer given has {wrong};" in msg
+        assert "use the tokenizer the data was prepared with" in msg
+
+
 def test_only_files_listed_in_meta_are_read(data, prepared):
     """Stray shards (an extra file in a part, a part folder meta.json does not list) change nothing."""
     before = {s: TokenShards(data, s).documents() for s in ("train", "validation")}
@@ -776,3 +931,48 @@ def test_a_datasets_dataset_saved_to_disk_prepares_like_files(tmp_path, bpe_toke
         prepare_corpus(
             SourceSpec(dataset=str(tmp_path / "saved")), bpe_tokenizer.path, tmp_path / "o3", show_progress=False
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line tools: any user error is one "error: ..." line and exit code 2
+# ---------------------------------------------------------------------------------------------
+
+TOOLS_DIR = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool, work", [("prepare_data", "prepare_corpus"), ("train_tokenizer", "train_tokenizer")])
+def test_tools_report_any_crate_lm_error_as_one_line(tmp_path, bpe_tokenizer, monkeypatch, capsys, tool, work):
+    from crate_lm.errors import CrateLMError
+
+    module = _load_tool(tool)
+
+    def fail(*args, **kwargs):
+        raise CrateLMError("something is wrong\nwith this setting; fix it")
+
+    monkeypatch.setattr(module, work, fail)
+    inputs = write_lines(tmp_path / "in.txt", make_documents(5))
+    argv = ["--inputs", str(inputs), "--out", str(tmp_path / "out")]
+    if tool == "prepare_data":
+        argv += ["--tokenizer", str(bpe_tokenizer.path), "--num_proc", "1"]
+    assert module.main(argv) == 2
+    assert capsys.readouterr().err == "error: something is wrong with this setting; fix it\n"
+
+
+@pytest.mark.parametrize("tool", ["prepare_data", "train_tokenizer"])
+def test_tools_report_a_data_error_as_one_line(tmp_path, bpe_tokenizer, capsys, tool):
+    missing = tmp_path / "missing.txt"
+    argv = ["--inputs", str(missing), "--out", str(tmp_path / "out")]
+    if tool == "prepare_data":
+        argv += ["--tokenizer", str(bpe_tokenizer.path), "--num_proc", "1"]
+    assert _load_tool(tool).main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(missing) in err

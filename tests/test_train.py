@@ -236,7 +236,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "stopped by signal" in stdout
+    assert "stopped by SIGTERM" in stdout
     saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
     assert len(saved) == 1
     stopped_at = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
@@ -244,6 +244,170 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(corpus, tmp_path):
     again = pretrain(corpus, out, "--train.max_steps", str(stopped_at + 2), "--train.eval_interval", "0")
     assert f"at step {stopped_at}" in again.stdout
     assert max(losses(out)) == stopped_at + 2
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), as a job scheduler sees a job's processes."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def send(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("whom", ["launcher", "every_process"])
+def test_preemption_through_torchrun_with_data_workers(whom, corpus, tmp_path):
+    """SIGTERM to torchrun (which signals each worker's process group, DataLoader workers
+    included) or to every process of the job at once (as scancel does): a complete checkpoint,
+    a clean stop, and the same command resumes."""
+    out = tmp_path / "run"
+    long = ("--train.max_steps", "400", "--checkpoint.interval", "1000", "--train.eval_interval", "0",
+            "--data.num_workers", "2")  # fmt: skip
+    proc = subprocess.Popen(
+        command(corpus, out, *long, nproc=2), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert wait_for(lambda: (out / "metrics.jsonl").is_file() and len(losses(out)) >= 3)
+    workers = [p for p in process_tree(proc.pid) if p != proc.pid]
+    assert len(workers) >= 6, "2 trainers with 2 DataLoader workers each"
+    send([proc.pid] if whom == "launcher" else [proc.pid, *workers], signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stdout, stderr[-3000:]
+    assert "DataLoader worker" not in stderr, stderr[-3000:]
+    assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr, stderr[-3000:]
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").is_file()]
+    assert len(saved) == 1
+    stopped_at = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    again = pretrain(corpus, out, "--train.max_steps", str(stopped_at + 2), "--train.eval_interval", "0",
+                     "--data.num_workers", "2", nproc=2)  # fmt: skip
+    assert f"at step {stopped_at}" in again.stdout
+    assert max(losses(out)) == stopped_at + 2
+
+
+def test_stop_signal_during_a_save_completes_it(corpus, tmp_path):
+    """SIGTERM to every process while a checkpoint is being written (3 s for its weights):
+    the save finishes, the run stops at that step, and nothing is half-written."""
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    run = ("--train.max_steps", "400", "--checkpoint.interval", "4", "--train.eval_interval", "0",
+           "--data.num_workers", "2")  # fmt: skip
+    cmd = patched(tmp_path, corpus, out, *run, nproc=2, slow_save=3.0, slow_save_from=4)
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE").exists())
+    send(process_tree(proc.pid), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM at step" in stdout, stderr[-3000:]
+    complete = sorted(p.name for p in ckpts.iterdir() if (p / "COMPLETE").is_file())
+    assert complete[0] == "step_00000004" and len(complete) <= 2, complete
+    assert all((ckpts / name / "model.safetensors").is_file() for name in complete)
+    assert not [p for p in ckpts.iterdir() if not (p / "COMPLETE").is_file()], "no half-written folder"
+
+
+def resumed_copy(src: Path, dst: Path, step: int) -> Path:
+    """A run folder holding only ``src``'s checkpoint at ``step`` (what an interruption leaves)."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step_{step:08d}", dst / "checkpoints" / f"step_{step:08d}")
+    return dst
+
+
+def lrs(out: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+
+
+def test_resume_applies_a_changed_learning_rate(corpus, single, tmp_path):
+    """The fixture's schedule: warmup 2, cosine 3e-3 -> 3e-4 over decay_steps = 6 - 2 = 4."""
+    from crate_lm.config import load_run_config
+    from crate_lm.train.schedule import learning_rate
+
+    out = resumed_copy(single, tmp_path / "run", 3)
+    proc = pretrain(corpus, out, "--optim.lr", "1e-3", "--optim.min_lr", "1e-4")
+    assert "applied changed settings: optim.lr 0.003 -> 0.001, optim.min_lr 0.0003 -> 0.0001" in proc.stdout
+    cfg = load_run_config(out / "config.yaml")
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.decay_steps) == (1e-3, 1e-4, 4)
+    for step in (4, 5, 6):  # the lr logged at step s is the one step s used (s - 1 steps taken before it)
+        assert lrs(out)[step] == pytest.approx(learning_rate(step - 1, cfg.optim, 6), rel=1e-9)
+    assert lrs(out)[6] < 1e-3 * 0.5 and lrs(single)[6] > 3e-4, "the new peak and floor, not the saved ones"
+
+
+def test_extending_max_steps_continues_the_schedule(corpus, single, tmp_path):
+    """The finished run's cosine ended at step 6; three more steps stay at min_lr, no jump back up."""
+    out = tmp_path / "run"
+    shutil.copytree(single / "checkpoints", out / "checkpoints")
+    pretrain(corpus, out, "--train.max_steps", "9")
+    assert [lrs(out)[s] for s in (7, 8, 9)] == pytest.approx([3e-4] * 3)
+    wsd = tmp_path / "wsd"
+    pretrain(corpus, wsd, "--optim.schedule", "wsd", "--train.max_steps", "10", "--checkpoint.interval", "5")
+    assert lrs(wsd)[5] == pytest.approx(3e-3), "flat until the last 20% (2 steps)"
+    shutil.rmtree(wsd / "checkpoints" / "step_00000010")
+    pretrain(corpus, wsd, "--optim.schedule", "wsd", "--train.max_steps", "20")  # resumed at 5: decay moves to 18
+    assert [lrs(wsd)[s] for s in (6, 10, 18)] == pytest.approx([3e-3] * 3)
+    assert lrs(wsd)[20] == pytest.approx(3e-3 + (3e-4 - 3e-3) * 0.5)
+
+
+@pytest.mark.parametrize("refusal", ["architecture", "batch_plan", "incomplete", "precision"])
+def test_a_refused_resume_writes_nothing(refusal, corpus, single, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(single, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    extra = {
+        "architecture": ["--model.d_model", "64"],
+        "batch_plan": ["--train.global_batch", "16"],
+        "incomplete": ["--checkpoint.resume", str(out / "checkpoints" / "nowhere")],
+        "precision": ["--deepspeed.precision", "bf16"],
+    }[refusal]
+    proc = pretrain(corpus, out, *extra, expect=2)
+    error_line(proc)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_runtime_model_settings_may_change_on_resume(corpus, single, tmp_path):
+    out = resumed_copy(single, tmp_path / "run", 3)
+    proc = pretrain(corpus, out, "--model.activation_checkpointing", "true", "--model.attn_impl", "math")
+    assert "model.activation_checkpointing False -> True" in proc.stdout
+    assert_close_losses(losses(out), losses(single), [4, 5, 6], tol=1e-5)
+
+
+def test_a_swapped_config_is_refused(corpus, single, tmp_path):
+    """config.yaml replaced by a shape-compatible one (other n_heads): the weights know better."""
+    out = tmp_path / "run"
+    shutil.copytree(single, out)
+    config = out / "checkpoints" / "step_00000006" / "config.yaml"
+    config.write_text(config.read_text().replace("n_heads: 4", "n_heads: 8"))
+    proc = pretrain(corpus, out, "--model.n_heads", "8", "--train.max_steps", "7", expect=2)
+    assert "does not describe the weights" in error_line(proc) and "model.n_heads" in error_line(proc)
+    from crate_lm.checkpoint import CheckpointError, load_model
+
+    with pytest.raises(CheckpointError, match="model.n_heads"):
+        load_model(out)
+
+
+def test_speed_excludes_checkpoint_time(corpus, tmp_path):
+    """Every save takes 2 s here; tokens/s is measured over training steps only."""
+    out = tmp_path / "run"
+    cmd = patched(tmp_path, corpus, out, "--train.max_steps", "12", "--checkpoint.interval", "2",
+                  "--train.log_interval", "2", "--train.eval_interval", "0", slow_save=2.0, slow_save_from=0)  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = [r["tokens_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "tokens_per_s" in r]  # fmt: skip
+    # a 2 s save inside a window of two ~0.05 s steps would make that window ~20x slower
+    assert len(rates) == 6 and max(rates[1:]) / min(rates[1:]) < 5, rates
 
 
 def test_an_incomplete_checkpoint_is_never_resumed(corpus, single, tmp_path):
@@ -260,58 +424,81 @@ def test_an_incomplete_checkpoint_is_never_resumed(corpus, single, tmp_path):
 
 
 def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(corpus, tmp_path):
+    """Killed while the second checkpoint is being written (its weights file takes 3 s here)."""
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     run = ("--train.max_steps", "400", "--checkpoint.interval", "2", "--train.eval_interval", "0")
-    proc = subprocess.Popen(command(corpus, out, *run), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        patched(tmp_path, corpus, out, *run, slow_save=3.0, slow_save_from=4),
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
     def writing_second() -> bool:  # the second checkpoint folder exists but is not complete yet
         return (ckpts / "step_00000004").is_dir() and not (ckpts / "step_00000004" / "COMPLETE").exists()
 
-    caught = wait_for(writing_second, timeout=120, interval=0.001)
+    assert wait_for(writing_second, timeout=120, interval=0.01)
     proc.kill()
     proc.wait()
     complete = sorted(p.name for p in ckpts.iterdir() if (p / "COMPLETE").is_file())
-    if caught:
-        assert "step_00000004" not in complete
-    assert complete, "the first checkpoint was complete before the kill"
-    latest = int(complete[-1].split("_")[1])
-    again = pretrain(corpus, out, "--train.max_steps", str(latest + 2), "--train.eval_interval", "0")
-    assert f"at step {latest}" in again.stdout
+    assert complete == ["step_00000002"], complete
+    again = pretrain(corpus, out, "--train.max_steps", "4", "--train.eval_interval", "0")
+    assert "at step 2" in again.stdout
+    assert (ckpts / "step_00000004" / "COMPLETE").is_file()
 
 
-NAN_SCRIPT = """
-import sys
-from crate_lm import trainer
+PATCH_SCRIPT = """
+import json, os, sys, time
+import torch
+import safetensors.torch
 from crate_lm.model.crate import CrateForCausalLM
+from crate_lm.pretrain import main
 
-bad = set(map(int, sys.argv[1].split(",")))
+patch = json.loads(sys.argv[1])
+nan_at = set(patch.get("nan_forwards", []))
 original = CrateForCausalLM.forward
 count = [0]
 
 def forward(self, *args, **kwargs):
-    out = original(self, *args, **kwargs)
     if self.training:
         count[0] += 1
-        if count[0] in bad:
-            out.loss = out.loss * float("nan")
+        if count[0] == patch.get("scale_weights_at"):  # the weights blow up, as in a diverging run
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.mul_(1e3)
+    out = original(self, *args, **kwargs)
+    if self.training and count[0] in nan_at:
+        out.loss = out.loss * float("nan")
     return out
 
 CrateForCausalLM.forward = forward
-sys.exit(trainer.main(sys.argv[2:]))
+save_file = safetensors.torch.save_file
+
+def slow_save_file(tensors, filename, metadata=None):
+    step = int(os.path.basename(os.path.dirname(filename)).split("_")[1])
+    if step >= patch.get("slow_save_from", 1 << 62):  # a slow filesystem: the weights take a while
+        time.sleep(patch["slow_save"])
+    return save_file(tensors, filename, metadata=metadata)
+
+safetensors.torch.save_file = slow_save_file
+sys.exit(main(sys.argv[2:]))
 """
+
+
+def patched(tmp_path: Path, config: Path, out: Path, *extra: str, nproc: int = 1, **patch) -> list[str]:
+    """The training command with test-only faults injected (see PATCH_SCRIPT)."""
+    script = tmp_path / "patched_pretrain.py"
+    script.write_text(PATCH_SCRIPT)
+    cmd = command(config, out, *extra, nproc=nproc)
+    at = cmd.index(PRETRAIN)
+    return [*cmd[:at], str(script), json.dumps(patch), *cmd[at + 1 :]]
 
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_a_non_finite_step_is_skipped_and_logged(stage, corpus, tmp_path):
-    script = tmp_path / "nan.py"
-    script.write_text(NAN_SCRIPT)
     out = tmp_path / "run"
-    args = ["--config", str(corpus), "--train.out_dir", str(out), "--train.global_batch", "4",
-            "--deepspeed.zero_stage", str(stage), "--checkpoint.interval", "1"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(script), "3", *args], env=env(), capture_output=True, text=True, timeout=300
-    )
+    cmd = patched(tmp_path, corpus, out, "--train.global_batch", "4", "--deepspeed.zero_stage", str(stage),
+                  "--checkpoint.interval", "1", nan_forwards=[3])  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     skipped = events(out, "skipped_nonfinite")
     assert [e["step"] for e in skipped] == [3]
@@ -325,22 +512,57 @@ def test_a_non_finite_step_is_skipped_and_logged(stage, corpus, tmp_path):
     assert all(isinstance(logged[s], float) and logged[s] == logged[s] for s in logged if s != 3)
 
 
-def test_repeated_non_finite_steps_stop_with_the_last_good_weights(corpus, tmp_path):
-    script = tmp_path / "nan.py"
-    script.write_text(NAN_SCRIPT)
-    out = tmp_path / "run"
-    args = ["--config", str(corpus), "--train.out_dir", str(out), "--train.global_batch", "4",
-            "--train.max_bad_steps", "3", "--checkpoint.interval", "1"]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(script), "2,3,4,5,6", *args], env=env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 3
-    assert "3 non-finite steps in a row at step 4" in error_line(proc)
-    from safetensors.torch import load_file
+def sound_flags(out: Path) -> dict[int, bool]:
+    flags = {}
+    for folder in sorted((out / "checkpoints").iterdir()):
+        if (folder / "COMPLETE").is_file():
+            flags[int(folder.name.split("_")[1])] = json.loads((folder / "trainer_state.json").read_text())["sound"]
+    return flags
 
-    good = load_file(str(out / "checkpoints" / "step_00000001" / "model.safetensors"))
-    last = load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors"))
-    assert all(torch.equal(good[k], last[k]) for k in good)
+
+def test_repeated_non_finite_steps_stop_and_name_the_newest_sound_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = patched(tmp_path, corpus, out, "--train.global_batch", "4", "--train.max_bad_steps", "3",
+                  "--checkpoint.interval", "1", nan_forwards=[2, 3, 4, 5, 6])  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "training diverged at step 4: 3 non-finite steps in a row" in line
+    assert f"newest sound checkpoint is {out / 'checkpoints' / 'step_00000001'} (step 1)" in line
+    assert sound_flags(out) == {1: True, 2: False, 3: False}, "nothing is saved at the stop; streaks are unsound"
+    again = pretrain(corpus, out, "--train.global_batch", "4", "--optim.lr", "1e-3", "--train.max_steps", "3")
+    assert "resumed from" in again.stdout and "at step 1" in again.stdout
+    assert events(out, "resumed")[-1]["skipped_unsound"] == [
+        str(out / "checkpoints" / f"step_0000000{s}") for s in (3, 2)
+    ]
+
+
+def test_blown_up_weights_are_caught_as_loss_spikes_before_nan(corpus, tmp_path):
+    """From step 12 the weights are 1000x too large (what a diverging run leaves): the loss spikes,
+    the run stops after 3 spikes in a row, and names step 8, the newest checkpoint saved healthy;
+    rerunning with a lower lr resumes from it."""
+    out = tmp_path / "run"
+    run = ("--train.global_batch", "4", "--train.max_steps", "40", "--checkpoint.interval", "4",
+           "--checkpoint.keep_last", "1", "--train.spike_window", "20", "--train.max_spike_steps", "3",
+           "--train.max_bad_steps", "3", "--train.eval_interval", "0")  # fmt: skip
+    proc = subprocess.run(
+        patched(tmp_path, corpus, out, *run, scale_weights_at=12),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = error_line(proc)
+    assert "training diverged at step 14" in line, line
+    assert f"newest sound checkpoint is {out / 'checkpoints' / 'step_00000008'} (step 8)" in line, line
+    spikes = events(out, "loss_spike") or events(out, "skipped_nonfinite")
+    assert spikes[0]["step"] == 12
+    # keep_last 1 would have removed step 8: the newest sound checkpoint is always kept
+    assert sound_flags(out) == {8: True, 12: False}
+    again = pretrain(corpus, out, *run[:-4], "--optim.lr", "1e-3", "--train.max_steps", "10")
+    assert "at step 8" in again.stdout
+    assert all(losses(out)[s] < 20 for s in (9, 10)), "the resumed run trains from the sound weights"
 
 
 def test_masked_lm_run_reports_masked_token_accuracy(corpus, tmp_path):
@@ -358,10 +580,14 @@ def test_bf16_zero1_run(corpus, tmp_path):
     assert all(0 < loss < 20 for loss in losses(out).values())
 
 
-def test_wandb_offline_writes_a_local_run(corpus, tmp_path):
+def test_wandb_keeps_one_run_across_restarts(corpus, tmp_path):
     out = tmp_path / "run"
-    pretrain(corpus, out, "--logging.wandb", "offline", "--train.max_steps", "2", "--train.eval_interval", "0")
-    assert list((out / "wandb").glob("offline-run-*")), "an offline wandb run folder"
+    args = ("--logging.wandb", "offline", "--train.eval_interval", "0", "--checkpoint.interval", "2")
+    pretrain(corpus, out, *args, "--train.max_steps", "2")
+    pretrain(corpus, out, *args, "--train.max_steps", "4")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
 
 
 def test_trained_model_loads_in_one_call(single):
@@ -399,6 +625,12 @@ def test_generate_command_continues_a_prompt(single):
         ("vocab_too_small", r"^error: .*larger than the model's embedding \(model\.vocab_size=100\)"),
         ("missing_data", r"^error: no prepared data in .*nowhere"),
         ("fp16_on_cpu", r"^error: deepspeed\.precision: fp16 is not supported on CPU"),
+        ("lr_zero", r"^error: optim\.lr must be > 0, got 0"),
+        ("negative_min_lr", r"^error: optim\.min_lr must be between 0 and optim\.lr"),
+        ("global_batch_zero", r"^error: train\.global_batch must be >= 1"),
+        ("zero_checkpoint_interval", r"^error: checkpoint\.interval must be >= 1"),
+        ("code_in_checkpoint", r"^error: .*mp_rank_00_model_states\.pt: refused to load: it holds Python objects"),
+        ("truncated_index", r"^error: .*train-00000\.idx\.npy.*prepare the data again"),
     ],
 )
 def test_bad_input_is_a_one_line_error(setup, message, corpus, single, tmp_path):
@@ -426,8 +658,32 @@ def test_bad_input_is_a_one_line_error(setup, message, corpus, single, tmp_path)
         extra = ["--data.path", str(tmp_path / "nowhere")]
     elif setup == "fp16_on_cpu":
         extra = ["--deepspeed.precision", "fp16"]
+    elif setup == "lr_zero":
+        extra = ["--optim.lr", "0"]
+    elif setup == "negative_min_lr":
+        extra = ["--optim.min_lr", "-1e-4"]
+    elif setup == "global_batch_zero":
+        extra = ["--train.global_batch", "0"]
+    elif setup == "zero_checkpoint_interval":
+        extra = ["--checkpoint.interval", "0"]
+    elif setup == "code_in_checkpoint":
+        shutil.copytree(single / "checkpoints", out / "checkpoints")
+        torch.save(RunsCode(), out / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt")
+    elif setup == "truncated_index":
+        shards = tmp_path / "shards"
+        shutil.copytree(Path(yaml.safe_load(corpus.read_text())["data"]["path"]), shards)
+        index = next(shards.glob("part-*/train-00000.idx.npy"))
+        index.write_bytes(index.read_bytes()[:100])
+        extra = ["--data.path", str(shards), "--data.reset_at_documents", "true"]
     proc = pretrain(config, out, *extra, expect=2)
     assert re.search(message, error_line(proc)), error_line(proc)
+
+
+class RunsCode:
+    """Unpickling this would call print: the safe loader must refuse it without running it."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 def test_zero2_with_optimizer_offload(corpus, single, tmp_path):

@@ -7,10 +7,9 @@
 batches (micro_batch x seq_len) and the same optimizer settings are trained by two loops:
 
 * plain PyTorch: forward with labels, backward, GuardedAdamW (clipping to optim.grad_clip
-  itself), LambdaLR on ``lr_factor``;
-* the DeepSpeed engine, built as ``Trainer`` builds it: ``deepspeed_config(cfg, 1)``, the
-  GuardedAdamW client optimizer on ``parameter_groups``, the LambdaLR scheduler,
-  ``engine(x, y)`` / ``engine.backward`` / ``engine.step``.
+  itself), the learning rate set before each step from ``learning_rate``;
+* the DeepSpeed engine from ``crate_lm.train.build_engine`` (what the trainer uses), the rate
+  set the same way, ``engine(x, y)`` / ``engine.backward`` / ``engine.step``.
 
 Both start from the same weights and see the same batches, so their losses must agree (printed
 as a check that they do the same work). After a warmup the loops alternate step by step in
@@ -49,11 +48,14 @@ import torch.distributed as dist  # noqa: E402
 from crate_lm.config import DataConfig, DeepSpeedSection, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from crate_lm.hardware import tune_cpu_allocator  # noqa: E402
 from crate_lm.model import build_model, param_count  # noqa: E402
-from crate_lm.trainer import (  # noqa: E402
+from crate_lm.train import (  # noqa: E402
     GuardedAdamW,
+    build_engine,
     deepspeed_config,
-    lr_factor,
+    learning_rate,
     parameter_groups,
+    resolve_schedule,
+    set_learning_rate,
     setup_distributed,
 )
 
@@ -63,12 +65,13 @@ N_BATCHES = 4  # distinct random batches, cycled
 
 def run_config(args: argparse.Namespace, zero_stage: int) -> RunConfig:
     model = ModelConfig.from_preset(args.preset)
-    return RunConfig(
+    cfg = RunConfig(
         model=model,
         data=DataConfig(seq_len=args.seq_len),
         train=TrainConfig(micro_batch=args.micro_batch, max_steps=100_000, seed=1234),
         deepspeed=DeepSpeedSection(zero_stage=zero_stage, precision="fp32"),
     )
+    return resolve_schedule(cfg)
 
 
 def random_batches(cfg: RunConfig, args: argparse.Namespace, device: torch.device, seed: int) -> list:
@@ -94,27 +97,10 @@ def quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def build_engine(cfg: RunConfig, world: int):
-    """The engine exactly as ``Trainer.__init__`` builds it (no offload)."""
-    import deepspeed
-
+def make_engine(cfg: RunConfig, world: int):
+    """The engine as the trainer builds it, from the same initial weights as the plain loop."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    ds_config = deepspeed_config(cfg, world)
-    client_clips = ds_config["gradient_clipping"] == 0.0  # ZeRO-0 fp32: GuardedAdamW clips
-    groups = parameter_groups(model, cfg.optim.weight_decay)
-    optimizer = GuardedAdamW(
-        groups,
-        max_grad_norm=cfg.optim.grad_clip if client_clips else 0.0,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-    )
-
-    def scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine = build_engine(cfg, build_model(cfg.model), world)
     engine.train()
     return engine
 
@@ -134,16 +120,15 @@ class PlainLoop:
             betas=(o.beta1, o.beta2),
             eps=o.eps,
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.batches, self.i, self.losses = batches, 0, []
+        self.cfg, self.batches, self.i, self.losses = cfg, batches, 0, []
 
     def step(self) -> None:
+        set_learning_rate(self.opt, learning_rate(self.i, self.cfg.optim, self.cfg.train.max_steps))
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
         loss = self.model(x, y).loss
         loss.backward()
         self.opt.step()
-        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
 
@@ -151,10 +136,11 @@ class PlainLoop:
 class EngineLoop:
     """The DeepSpeed step as ``Trainer.train_step`` takes it (one micro-batch per optimizer step)."""
 
-    def __init__(self, engine, batches: list) -> None:
-        self.engine, self.batches, self.i, self.losses = engine, batches, 0, []
+    def __init__(self, cfg: RunConfig, engine, batches: list) -> None:
+        self.cfg, self.engine, self.batches, self.i, self.losses = cfg, engine, batches, 0, []
 
     def step(self) -> None:
+        set_learning_rate(self.engine.optimizer, learning_rate(self.i, self.cfg.optim, self.cfg.train.max_steps))
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
         loss = self.engine(x, y).loss
@@ -191,7 +177,7 @@ def bench_one_rank(args: argparse.Namespace) -> tuple[float, float]:
         batches = random_batches(cfg, args, device, seed=0)
         loops = {
             "plain PyTorch": PlainLoop(cfg, device, batches),
-            "DeepSpeed engine": EngineLoop(build_engine(cfg, 1), batches),
+            "DeepSpeed engine": EngineLoop(cfg, make_engine(cfg, 1), batches),
         }
         ds_cfg = deepspeed_config(cfg, 1)
         clip_by = "GuardedAdamW" if ds_cfg["gradient_clipping"] == 0.0 else "DeepSpeed"
@@ -202,7 +188,7 @@ def bench_one_rank(args: argparse.Namespace) -> tuple[float, float]:
         )
         print(
             f"optimizer: GuardedAdamW lr {cfg.optim.lr:g} wd {cfg.optim.weight_decay:g} on parameter_groups, "
-            f"LambdaLR(lr_factor), clip {cfg.optim.grad_clip:g} (engine: ZeRO-{cfg.deepspeed.zero_stage}, "
+            f"{cfg.optim.schedule} learning_rate, clip {cfg.optim.grad_clip:g} (engine: ZeRO-{cfg.deepspeed.zero_stage}, "
             f"clipped by {clip_by})"
         )
         for loop in loops.values():
@@ -257,8 +243,8 @@ def zero2_worker(args: argparse.Namespace) -> None:
     try:
         if not torch.cuda.is_available():
             tune_cpu_allocator()
-        engine = build_engine(cfg, world)
-        loop = EngineLoop(engine, random_batches(cfg, args, engine.device, seed=1 + rank))
+        engine = make_engine(cfg, world)
+        loop = EngineLoop(cfg, engine, random_batches(cfg, args, engine.device, seed=1 + rank))
         device = torch.device(engine.device)
         timed(loop, args.warmup, device)
         rates = []

@@ -21,6 +21,7 @@ from crate_lm.data.errors import DataError
 from crate_lm.data.prepare import prepare_corpus
 from crate_lm.data.sources import add_source_arguments, iter_all_documents, source_spec_from_args
 from crate_lm.data.tokenizer import load_tokenizer, train_tokenizer
+from crate_lm.errors import run_cli
 
 
 def resolve_worker(worker: str, num_workers: int | None) -> tuple[int, int]:
@@ -44,31 +45,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file (about)")
     parser.add_argument("--vocab_size", type=int, default=8192, help="with --builtin and no --tokenizer")
     args = parser.parse_args(argv)
-    try:
-        spec = source_spec_from_args(args)
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            if not args.builtin:
-                raise DataError("--tokenizer is required (train one with tools/train_tokenizer.py)")
-            tokenizer = Path(args.out).parent / "tokenizer"
-            if not (tokenizer / "tokenizer.json").is_file():
-                train_tokenizer(iter_all_documents(spec), tokenizer, vocab_size=args.vocab_size)
-        load_tokenizer(tokenizer)  # a bad path fails here, before any work
-        worker, num_workers = resolve_worker(args.worker, args.num_workers)
-        prepare_corpus(
-            spec,
-            tokenizer,
-            args.out,
-            val_fraction=args.val_fraction,
-            num_proc=args.num_proc,
-            worker=worker,
-            num_workers=num_workers,
-            shard_tokens=args.shard_tokens,
-        )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(prepare, args)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Prepare this worker's part of the corpus; user errors raise a CrateLMError."""
+    spec = source_spec_from_args(args)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        if not args.builtin:
+            raise DataError("--tokenizer is required (train one with tools/train_tokenizer.py)")
+        tokenizer = Path(args.out).parent / "tokenizer"
+        if not (tokenizer / "tokenizer.json").is_file():
+            train_tokenizer(iter_all_documents(spec), tokenizer, vocab_size=args.vocab_size)
+    load_tokenizer(tokenizer)  # a bad path fails here, before any work
+    worker, num_workers = resolve_worker(args.worker, args.num_workers)
+    prepare_corpus(
+        spec,
+        tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        num_proc=args.num_proc,
+        worker=worker,
+        num_workers=num_workers,
+        shard_tokens=args.shard_tokens,
+    )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import argparse
 import itertools
 import sys
 
-from crate_lm.data.errors import DataError
 from crate_lm.data.sources import add_source_arguments, iter_all_documents, source_spec_from_args
 from crate_lm.data.tokenizer import KINDS, train_tokenizer
+from crate_lm.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_frequency", type=int, default=2, help="bpe: merges seen fewer times are not learned")
     parser.add_argument("--max_documents", type=int, help="train on at most this many documents")
     args = parser.parse_args(argv)
-    try:
-        docs = iter_all_documents(source_spec_from_args(args))
-        if args.max_documents:
-            docs = itertools.islice(docs, args.max_documents)
-        train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(train, args)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train and save the tokenizer; user errors raise a CrateLMError."""
+    docs = iter_all_documents(source_spec_from_args(args))
+    if args.max_documents:
+        docs = itertools.islice(docs, args.max_documents)
+    train_tokenizer(docs, args.out, kind=args.kind, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
 
 
 if __name__ == "__main__":

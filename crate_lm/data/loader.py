@@ -9,6 +9,7 @@ resumed run, even with a different number of ranks, continues the same sequence.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ class PackedTokenDataset:
     the last T (next-token targets). With ``reset_at_documents`` each sample also carries
     ``position_ids`` that restart at every document and ``document_ids`` that the models turn
     into a block-diagonal attention mask; targets that cross into the next document are -100.
+    Document bounds come from the memory-mapped indexes, so memory does not grow with the corpus.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, *, reset_at_documents: bool = False) -> None:
@@ -39,6 +41,8 @@ class PackedTokenDataset:
                 f"the {shards.split} split of {shards.root} has {shards.num_tokens} tokens, fewer than one sample "
                 f"of seq_len + 1 = {seq_len + 1}; use a shorter sequence length or more data"
             )
+        if reset_at_documents:
+            shards.check_document_indexes()  # a damaged index fails here, not later in a worker
 
     def __len__(self) -> int:
         return self.num_samples
@@ -50,10 +54,8 @@ class PackedTokenDataset:
         tokens = self.shards.read(start, self.seq_len + 1)
         sample = {"input_ids": tokens[:-1], "labels": tokens[1:].copy()}
         if self.reset_at_documents:
-            doc_starts = self.shards.document_starts()
-            positions = np.arange(start, start + self.seq_len + 1)
-            doc = np.searchsorted(doc_starts, positions, side="right") - 1
-            sample["position_ids"] = positions[:-1] - doc_starts[doc[:-1]]
+            doc, doc_start = self.shards.document_bounds(start, self.seq_len + 1)
+            sample["position_ids"] = np.arange(start, start + self.seq_len) - doc_start[:-1]
             sample["document_ids"] = doc[:-1] - doc[0]
             sample["labels"][doc[1:] != doc[:-1]] = IGNORE_INDEX
         return sample
@@ -272,6 +274,20 @@ class RankSampler(Sampler[int]):
         return self.num_batches * self.micro_batch
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: leave stop signals to the training process.
+
+    Launchers (torchrun's shutdown, SLURM's scancel, Ctrl-C in a terminal) signal the whole
+    process group. A worker killed by such a signal makes the trainer fail mid-step or mid-save
+    instead of saving; ignoring it lets the trainer stop cleanly, and its workers end with it.
+    """
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(
     stream: SampleStream,
     *,
@@ -286,7 +302,7 @@ def make_loader(
     """A DataLoader over this rank's slice of the global sample sequence.
 
     ``consumed_samples`` is the global count already read (the resume state). Pinned memory is
-    on where CUDA is available.
+    on where CUDA is available. Workers ignore stop signals (:func:`ignore_stop_signals`).
     """
     if consumed_samples % (micro_batch * world_size):
         raise DataError(
@@ -302,4 +318,5 @@ def make_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )

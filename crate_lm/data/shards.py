@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -90,9 +91,54 @@ def read_meta(root: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{meta_path}: corrupt ({err.msg}); prepare the data again into a new folder") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path}: format '{meta.get('format')}' is not {FORMAT}; prepare the data again")
+    except UnicodeDecodeError:
+        raise DataError(f"{meta_path}: corrupt (not UTF-8 text); prepare the data again into a new folder") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise DataError(f"{meta_path}: format '{found}' is not {FORMAT}; prepare the data again")
+    _check_meta(meta, meta_path)
     return meta
+
+
+_REDO = "prepare the data again into a new folder"
+
+
+def _require(meta_path: Path, value: object, name: str, kind: type, what: str, minimum: int = 0) -> Any:
+    """``value`` (the field ``name``) if it is a ``kind``; else a DataError naming the field and the file."""
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < minimum):
+        raise DataError(f"{meta_path}: the field '{name}' must be {what}, not {value!r}; the file is damaged; {_REDO}")
+    return value
+
+
+def _get(meta_path: Path, parent: dict, key: str, name: str, kind: type, what: str, minimum: int = 0) -> Any:
+    if key not in parent:
+        raise DataError(f"{meta_path}: the field '{name}' is missing; the file is incomplete or foreign; {_REDO}")
+    return _require(meta_path, parent[key], name, kind, what, minimum)
+
+
+def _check_meta(meta: dict, meta_path: Path) -> None:
+    """Every field the readers use is present and of the right type, and the dtype fits the vocabulary."""
+    dtype = _get(meta_path, meta, "dtype", "dtype", str, "a string")
+    tokenizer = _get(meta_path, meta, "tokenizer", "tokenizer", dict, "an object")
+    _get(meta_path, tokenizer, "fingerprint", "tokenizer.fingerprint", str, "a string")
+    vocab = _get(meta_path, tokenizer, "vocab_size", "tokenizer.vocab_size", int, "a positive integer", 1)
+    if dtype not in ("uint16", "uint32"):
+        raise DataError(f"{meta_path}: dtype '{dtype}' is not uint16 or uint32; the file is damaged; {_REDO}")
+    if dtype != token_dtype(vocab).name:
+        raise DataError(
+            f"{meta_path}: dtype {dtype} disagrees with tokenizer.vocab_size={vocab}, which is stored as "
+            f"{token_dtype(vocab).name}; the file is damaged or edited; {_REDO}"
+        )
+    splits = _get(meta_path, meta, "splits", "splits", dict, "an object")
+    for split, entry in splits.items():
+        _require(meta_path, entry, f"splits.{split}", dict, "an object")
+        shards = _get(meta_path, entry, "shards", f"splits.{split}.shards", list, "a list")
+        for k, shard in enumerate(shards):
+            name = f"splits.{split}.shards[{k}]"
+            _require(meta_path, shard, name, dict, "an object")
+            _get(meta_path, shard, "file", f"{name}.file", str, "a string")
+            _get(meta_path, shard, "tokens", f"{name}.tokens", int, "a non-negative integer")
+            _get(meta_path, shard, "documents", f"{name}.documents", int, "a non-negative integer")
 
 
 @dataclass
@@ -106,9 +152,10 @@ class TokenShards:
     """One split of a prepared dataset as a single concatenated, memory-mapped token stream.
 
     Checks on opening: every shard exists, its size is a whole number of tokens of the recorded
-    dtype and equals the count in the metadata; the tokenizer fingerprint matches the one the
-    caller expects; the vocabulary fits the model's embedding. Memory maps open lazily, per
-    process, so the object can be sent to DataLoader workers.
+    dtype and equals the count in the metadata; the tokenizer fingerprint and vocabulary size
+    match the caller's tokenizer; the vocabulary fits the model's embedding. Token files and
+    document indexes are memory-mapped lazily, per process, so the object can be sent to
+    DataLoader workers and its memory does not grow with the corpus.
     """
 
     def __init__(
@@ -117,6 +164,7 @@ class TokenShards:
         split: str = "train",
         *,
         tokenizer_fingerprint: str | None = None,
+        tokenizer_vocab_size: int | None = None,
         model_vocab_size: int | None = None,
     ) -> None:
         self.root = Path(root)
@@ -132,6 +180,11 @@ class TokenShards:
                 f"not {tokenizer_fingerprint}; use the tokenizer the data was prepared with, or prepare it again"
             )
         vocab = meta["tokenizer"]["vocab_size"]
+        if tokenizer_vocab_size is not None and tokenizer_vocab_size != vocab:
+            raise DataError(
+                f"{self.root} was prepared with a tokenizer of {vocab} tokens but the tokenizer given has "
+                f"{tokenizer_vocab_size}; use the tokenizer the data was prepared with, or prepare it again"
+            )
         if model_vocab_size is not None and vocab > model_vocab_size:
             raise DataError(
                 f"{self.root}: the data's vocabulary ({vocab} tokens) is larger than the model's embedding "
@@ -155,10 +208,12 @@ class TokenShards:
                 )
             self.shards.append(_Shard(path, entry["tokens"], entry["documents"]))
         self.offsets = np.concatenate([[0], np.cumsum([s.tokens for s in self.shards], dtype=np.int64)])
+        # global number of each shard's first document
+        self.doc_offsets = np.concatenate([[0], np.cumsum([s.documents for s in self.shards], dtype=np.int64)])
         self.num_tokens = int(self.offsets[-1])
-        self.num_documents = sum(s.documents for s in self.shards)
+        self.num_documents = int(self.doc_offsets[-1])
         self._maps: list[np.ndarray] | None = None
-        self._doc_starts: np.ndarray | None = None
+        self._index_maps: list[np.ndarray | None] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -174,7 +229,8 @@ class TokenShards:
         return self._maps
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": None}  # memory maps reopen in each worker process
+        # memory maps reopen in each worker process
+        return {**self.__dict__, "_maps": None, "_index_maps": None}
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the concatenated split, as int64."""
@@ -192,17 +248,73 @@ class TokenShards:
             i += 1
         return out
 
+    def _index(self, i: int) -> np.ndarray:
+        """Shard i's document index (local starts, then the shard's length), memory-mapped and checked."""
+        if self._index_maps is None:
+            self._index_maps = [None] * len(self.shards)
+        index = self._index_maps[i]
+        if index is None:
+            shard = self.shards[i]
+            path = shard.path.with_name(shard.path.name.replace(".bin", ".idx.npy"))
+            if not path.is_file():
+                raise DataError(f"document index missing: {path}; the prepared data is incomplete, prepare it again")
+            try:
+                with open(path, "rb") as f:
+                    if f.read(6) != b"\x93NUMPY":
+                        raise ValueError("not a .npy file")
+                index = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                reason = " ".join(str(err).split()) or type(err).__name__
+                raise DataError(
+                    f"document index {path} is truncated or corrupt ({reason}); prepare the data again into a new folder"
+                ) from None
+            if not isinstance(index, np.ndarray) or index.dtype != np.int64 or index.ndim != 1:
+                raise DataError(
+                    f"document index {path} is not a list of int64 offsets: it is corrupt; "
+                    "prepare the data again into a new folder"
+                )
+            if len(index) != shard.documents + 1 or index[0] != 0 or index[-1] != shard.tokens:
+                raise DataError(
+                    f"document index of {shard.path} ({path}) disagrees with meta.json; "
+                    "prepare the data again into a new folder"
+                )
+            self._index_maps[i] = index
+        return index
+
+    def check_document_indexes(self) -> None:
+        """Open (memory-mapped) and check every shard's document index, so damage shows up front."""
+        for i in range(len(self.shards)):
+            self._index(i)
+
+    def document_bounds(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each token position in [start, start + length): its global document number and the
+        global offset at which that document starts (two int64 arrays). Reads only the index
+        entries of the documents the range touches."""
+        if length < 0 or start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside 0..{self.num_tokens}")
+        doc = np.empty(length, dtype=np.int64)
+        doc_start = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            index, offset = self._index(i), int(self.offsets[i])
+            lo = start + filled - offset
+            take = min(length - filled, self.shards[i].tokens - lo)
+            first = int(np.searchsorted(index, lo, side="right")) - 1
+            last = int(np.searchsorted(index, lo + take - 1, side="right")) - 1
+            starts = np.array(index[first : last + 1], dtype=np.int64)  # only the documents in range
+            local = np.searchsorted(starts, np.arange(lo, lo + take), side="right") - 1
+            doc[filled : filled + take] = int(self.doc_offsets[i]) + first + local
+            doc_start[filled : filled + take] = offset + starts[local]
+            filled += take
+            i += 1
+        return doc, doc_start
+
     def document_starts(self) -> np.ndarray:
-        """Global offsets at which each document starts (int64, ascending)."""
-        if self._doc_starts is None:
-            parts = []
-            for shard, offset in zip(self.shards, self.offsets[:-1]):
-                index = np.load(shard.path.with_name(shard.path.name.replace(".bin", ".idx.npy")))
-                if len(index) != shard.documents + 1 or index[-1] != shard.tokens:
-                    raise DataError(f"document index of {shard.path} disagrees with meta.json; prepare the data again")
-                parts.append(index[:-1] + offset)
-            self._doc_starts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return self._doc_starts
+        """Global offsets at which each document starts (int64, ascending), built in memory on each
+        call: for tests and tools; the loader uses :meth:`document_bounds`."""
+        parts = [np.asarray(self._index(i)[:-1]) + self.offsets[i] for i in range(len(self.shards))]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def documents(self) -> list[np.ndarray]:
         """Every document's tokens (end-of-document included), for small splits and tests."""
