@@ -73,16 +73,19 @@ def _safe_globals() -> list:
     return allowed
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """torch.load that never runs code from the file (weights_only, with the allowlist above).
 
-    A file that holds anything but tensors and plain values, or that is not a torch file at all,
-    is a one-line CheckpointError naming it."""
+    ``mmap``: tensors map the file (zip-format files only; others are read whole), so only the
+    pages a caller touches are read. A file that holds anything but tensors and plain values, or
+    that is not a torch file at all, is a one-line CheckpointError naming it."""
     import pickle
+    import zipfile
 
     try:
+        mmap = mmap and zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file missing; the checkpoint is incomplete, resume from another one") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
@@ -178,7 +181,9 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: Run
         trainer_state = {**trainer_state, "weights_finite": finite, "max_abs_weight": max_abs if finite else None}
         trainer_state["sound"] = bool(trainer_state.get("sound", True) and finite)
         tmp = folder / ".model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=weights_metadata(cfg))
+        dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=weights_metadata(cfg, dtype))
         tmp.rename(folder / "model.safetensors")
         atomic_write_bytes(folder / "config.yaml", dump_run_config(cfg).encode())
         atomic_write_json(folder / "trainer_state.json", trainer_state)
@@ -209,11 +214,16 @@ def architecture(model: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(model).items() if k not in RUNTIME_MODEL_FIELDS}
 
 
-def weights_metadata(cfg: RunConfig) -> dict[str, str]:
+def weights_metadata(cfg: RunConfig, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """What model.safetensors holds: its model config, the run's precision, and which weights
+    (``module`` bf16/fp32 as computed with, or the ``fp32`` master copy) in which dtype."""
+    masters = cfg.checkpoint.weights == "fp32" and cfg.deepspeed.precision != "fp32"
     return {
         "format": "pt",
         WEIGHTS_MODEL_KEY: json.dumps(to_dict(cfg.model), sort_keys=True),
         "crate_lm.precision": cfg.deepspeed.precision,
+        "crate_lm.weights": "fp32 master" if masters else "module",
+        "crate_lm.dtype": str(dtype).removeprefix("torch.") if dtype is not None else "",
     }
 
 
@@ -265,22 +275,61 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def consolidated_state_dict(engine, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """Full weights on rank 0 (collective under ZeRO-3; empty dict on other ranks)."""
+    """Full weights on rank 0 (a collective; empty dict on other ranks).
+
+    ``checkpoint.weights: module`` gives the module's weights as it computes with them (bf16 in a
+    bf16 run); ``fp32`` gives the optimizer's fp32 master weights, gathered from their ZeRO
+    partitions (in an fp32 run the two are the same)."""
     import torch.distributed as dist
 
     module = engine.module
+    rank = dist.get_rank()
+    if cfg.checkpoint.weights == "fp32" and cfg.deepspeed.precision != "fp32":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        replicated = _replicated_fp32_masters(engine.optimizer)
+        out = {}
+        for name, param in module.named_parameters():
+            full = replicated.get(id(param))
+            if full is None:
+                full = safe_get_full_fp32_param(param)  # ZeRO-1/2/3 partitions: a collective, same order on every rank
+            if full is None:
+                raise CheckpointError(f"DeepSpeed has no fp32 master copy of {name}; set checkpoint.weights: module")
+            if rank == 0:
+                out[name] = full.detach().float().cpu().clone()
+        return out
     if cfg.deepspeed.zero_stage == 3:
         import deepspeed
 
         out = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if dist.get_rank() == 0:
+                if rank == 0:
                     out[name] = param.detach().cpu().clone()
         return out
-    if dist.get_rank() != 0:
+    if rank != 0:
         return {}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _replicated_fp32_masters(optimizer) -> dict[int, torch.Tensor]:
+    """Parameter id -> its fp32 master, for DeepSpeed's ZeRO-0 bf16/fp16 optimizers, which keep
+    an fp32 copy of each param group on every rank (no ZeRO partitions to gather): one flat
+    tensor per group (fused) or one tensor per parameter (unfused)."""
+    from torch._utils import _unflatten_dense_tensors
+
+    groups = getattr(optimizer, "fp16_groups", None)
+    if not groups:
+        return {}
+    if getattr(optimizer, "fp32_groups_flat", None):
+        masters = [
+            _unflatten_dense_tensors(flat.detach(), params) for params, flat in zip(groups, optimizer.fp32_groups_flat)
+        ]
+    elif getattr(optimizer, "fp32_groups", None):
+        masters = optimizer.fp32_groups
+    else:
+        return {}
+    return {id(p): m for params, group in zip(groups, masters) for p, m in zip(params, group)}
 
 
 def load_trainer_state(folder: Path) -> dict:
@@ -316,6 +365,18 @@ def _join_unpadded(parts: list[torch.Tensor], paddings: list[int]) -> torch.Tens
     return torch.cat([t.reshape(-1)[: t.numel() - pad] for t, pad in zip(parts, paddings)])
 
 
+def _overlaps(lengths: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """Where [start, stop) of the vector that slices of ``lengths`` make end to end comes from:
+    ``(old rank, from, to, at)`` copies that slice's [from, to) to ``at`` in the new slice."""
+    out, offset = [], 0
+    for r, n in enumerate(lengths):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append((r, lo - offset, hi - offset, lo - start))
+        offset += n
+    return out
+
+
 def load_zero12_resharded(engine, folder: Path) -> None:
     """Resume a ZeRO-1/2 checkpoint written by another number of ranks.
 
@@ -324,6 +385,10 @@ def load_zero12_resharded(engine, folder: Path) -> None:
     saved shard is a rank's slice of one flat vector per parameter group, padded at its tail, so
     the old world's slices are joined, stripped of padding, and cut again for this world: fp32
     master weights, exp_avg, exp_avg_sq and the step count.
+
+    Memory: shards are memory-mapped; their lengths come from tensor metadata, then each old
+    shard that overlaps this rank's range is opened in turn and only the overlap is copied, so a
+    rank holds about its own share plus (part of) one shard, never the whole optimizer state.
     """
     import torch.distributed as dist
 
@@ -334,50 +399,89 @@ def load_zero12_resharded(engine, folder: Path) -> None:
         load_optimizer_states=False,
         load_lr_scheduler_states=False,
     )
-    states = safe_torch_load(folder / "mp_rank_00_model_states.pt")
+    states = safe_torch_load(folder / "mp_rank_00_model_states.pt", mmap=True)  # its weights stay unread
     engine.global_steps = states["global_steps"]
     engine.global_samples = states["global_samples"]
     engine.skipped_steps = states["skipped_steps"]
+    del states
 
     def rank_of(path: Path) -> int:
         return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
 
+    def sources(sd: dict, i: int) -> dict[str, torch.Tensor]:
+        state = sd["base_optimizer_state"]["state"][i]
+        return {"master": sd["single_partition_of_fp32_groups"][i], "exp_avg": state["exp_avg"],
+                "exp_avg_sq": state["exp_avg_sq"]}  # fmt: skip
+
     files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
-    old = [safe_torch_load(f)["optimizer_state_dict"] for f in files]
-    if not old or any(any(any(p) for p in sd.get("param_alignment_paddings", [])) for sd in old):
+    zero = engine.optimizer
+    groups = zero.optimizer.param_groups
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # pass 1: every shard's unpadded lengths, from metadata only (no tensor data is read)
+    lengths: list[list[dict[str, int]]] = []  # [old rank][group] -> {key: unpadded length}
+    dtypes: list[dict[str, torch.dtype]] = []
+    refused = not files
+    for n, path in enumerate(files):
+        sd = safe_torch_load(path, mmap=True)["optimizer_state_dict"]
+        refused = refused or any(any(p) for p in sd.get("param_alignment_paddings", []))
+        if refused:
+            break
+        per_group = []
+        for i in range(len(groups)):
+            pad = {"master": 0, "exp_avg": sd["group_paddings"][i], "exp_avg_sq": sd["group_paddings"][i]}
+            per_group.append({k: t.numel() - pad[k] for k, t in sources(sd, i).items()})
+            if n == 0:
+                dtypes.append({k: t.dtype for k, t in sources(sd, i).items()})
+        lengths.append(per_group)
+        if n == 0:  # the step counts, as rank 0 saved them
+            steps = [sd["base_optimizer_state"]["state"][i]["step"].clone() for i in range(len(groups))]
+            group_steps = [sd["base_optimizer_state"]["param_groups"][i].get("step", 0) for i in range(len(groups))]
+        del sd
+    if refused:
         raise CheckpointError(
             f"{folder}: its ZeRO shards use a layout that cannot be re-partitioned; resume with the same number of ranks"
         )
-    zero = engine.optimizer
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for i, group in enumerate(zero.optimizer.param_groups):
+    # this rank's range of each joined vector, and which parts of which shards fill it
+    plans: dict[int, list[tuple[int, str, int, int, int]]] = {}  # old rank -> (group, key, from, to, at)
+    out: list[dict[str, torch.Tensor]] = []
+    for i, group in enumerate(groups):
         param = group["params"][0]  # this rank's flat fp32 partition of group i
         size = param.numel()
-
-        def cut(parts: list[torch.Tensor], paddings: list[int], param=param, size=size) -> torch.Tensor:
-            joined = _join_unpadded(parts, paddings)
-            if joined.numel() > size * world:
+        out.append({})
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            sizes = [per_group[i][key] for per_group in lengths]
+            if sum(sizes) > size * world:
                 raise CheckpointError(
                     f"{folder}: its optimizer shards do not fit this model; resume with the same model"
                 )
-            padded = torch.zeros(size * world, dtype=joined.dtype)
-            padded[: joined.numel()] = joined
-            return padded[rank * size : (rank + 1) * size].to(param.device)
-
-        master = cut([sd["single_partition_of_fp32_groups"][i] for sd in old], [0] * len(old))
-        mine = zero.parallel_partitioned_bit16_groups[i][rank].float()
-        if not torch.allclose(mine, master[: mine.numel()], rtol=1e-2, atol=1e-2):
+            out[i][key] = torch.zeros(size, dtype=dtypes[i][key], device=param.device)  # zeros: the tail padding
+            for r, lo, hi, at in _overlaps(sizes, rank * size, (rank + 1) * size):
+                plans.setdefault(r, []).append((i, key, lo, hi, at))
+    # pass 2: open only the overlapping shards, one at a time, and copy only the overlaps
+    with torch.no_grad():  # saved master weights require grad: a graph would keep each shard mapped
+        for r in sorted(plans):
+            sd = safe_torch_load(files[r], mmap=True)["optimizer_state_dict"]
+            for i, key, lo, hi, at in plans[r]:
+                out[i][key][at : at + hi - lo].copy_(sources(sd, i)[key].reshape(-1)[lo:hi])
+            del sd
+    chunk = 1 << 22  # allclose in chunks: its temporaries would be several times a rank's share
+    for i in range(len(groups)):
+        mine = zero.parallel_partitioned_bit16_groups[i][rank]
+        master = out[i]["master"]
+        if not all(
+            torch.allclose(mine[j : j + chunk].float(), master[j : j + chunk], rtol=1e-2, atol=1e-2)
+            for j in range(0, mine.numel(), chunk)
+        ):
             raise CheckpointError(
                 f"{folder}: re-partitioned weights disagree with the loaded module; resume with the same number of ranks"
             )
-        param.data.copy_(master)
-        paddings = [sd["group_paddings"][i] for sd in old]
-        saved = [sd["base_optimizer_state"]["state"][i] for sd in old]
+    for i, group in enumerate(groups):
+        param = group["params"][0]
+        param.data.copy_(out[i].pop("master"))
         state = zero.optimizer.state[param]
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = cut([s[key] for s in saved], paddings).clone()
-        state["step"] = saved[0]["step"].clone()
-        group["step"] = old[0]["base_optimizer_state"]["param_groups"][i].get("step", 0)
+        state.update(out[i])
+        state["step"] = steps[i]
+        group["step"] = group_steps[i]
 
 
 # ---- outside the training job ------------------------------------------------------------------

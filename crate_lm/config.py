@@ -424,6 +424,9 @@ class TrainConfig:
     """Micro-steps per optimizer step; default derived from global_batch, else 1."""
     global_batch: int | None = None
     """Samples per optimizer step over all ranks = micro_batch x grad_accum x world size."""
+    round_global_batch: bool = False
+    """Where global_batch does not divide by micro_batch x world size (e.g. 512 on 24 GPUs), use the
+    nearest multiple instead of refusing; the run says what it chose and records it in config.yaml."""
     max_steps: int = 200
     """Optimizer steps in the whole run."""
     seed: int = 1234
@@ -503,6 +506,10 @@ class CheckpointConfig:
     """Complete checkpoints kept (0 keeps all); the newest sound one is never removed."""
     resume: str = "auto"
     """'auto' (newest complete and sound checkpoint in out_dir, if any), 'never', or a checkpoint folder."""
+    weights: Literal["module", "fp32"] = "module"
+    """What model.safetensors holds in a bf16/fp16 run: the module's weights as computed with
+    ('module', bf16) or the optimizer's fp32 master weights ('fp32', twice the size). Recorded in
+    the file's metadata (crate_lm.weights, crate_lm.dtype)."""
 
     def __post_init__(self) -> None:
         require(self.interval >= 1, "checkpoint.interval", ">= 1", self.interval)
@@ -543,10 +550,14 @@ class RunConfig:
             accum = accum or 1
             return micro, accum, micro * accum * world_size
         per_step = micro * world_size
+        if total % per_step and self.train.round_global_batch and accum is None:
+            low = total // per_step * per_step
+            total = low if low and total - low < low + per_step - total else low + per_step
         if total % per_step:
             raise ConfigError(
                 f"train.global_batch={total} is not divisible by train.micro_batch x world size = "
-                f"{micro} x {world_size} = {per_step}; change global_batch or micro_batch"
+                f"{micro} x {world_size} = {per_step}; change global_batch or micro_batch, or set "
+                "train.round_global_batch: true to use the nearest multiple"
             )
         if accum is not None and micro * accum * world_size != total:
             raise ConfigError(

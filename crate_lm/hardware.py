@@ -8,23 +8,44 @@ import time
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak (no sparsity), FLOP/s, by substring of the device name.
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, keyed by the device name as
+# torch.cuda.get_device_name() reports it, normalised by _normalise_device_name. Only figures
+# taken from the vendors' datasheets; a GPU whose figure is uncertain is left out (A10G: NVIDIA
+# publishes no datasheet for it), so its MFU reads as unknown rather than wrong.
 GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is lower, see below
-    "H100 PCIe": 756e12,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "V100": 125e12,
+    "h100 80gb hbm3": 989.4e12,  # H100 SXM5
+    "h100 pcie": 756e12,
+    "h100 nvl": 835e12,  # per GPU
+    "h200": 989e12,
+    "gh200 480gb": 989e12,
+    "a100-sxm4-80gb": 312e12,
+    "a100-sxm4-40gb": 312e12,
+    "a100-pcie-40gb": 312e12,
+    "a100 80gb pcie": 312e12,
+    "a10": 125e12,
+    "l4": 121e12,
+    "l40": 181e12,
+    "l40s": 362e12,
+    # Volta has no bf16: these are its fp16 tensor-core peaks.
+    "tesla v100-sxm2-16gb": 125e12,
+    "tesla v100-sxm2-32gb": 125e12,
+    "tesla v100-pcie-16gb": 112e12,
+    "tesla v100-pcie-32gb": 112e12,
+    "amd instinct mi300x": 1307e12,
 }
 
 
+def _normalise_device_name(device_name: str) -> str:
+    """Collapse whitespace, lower-case, and drop a leading "NVIDIA " prefix."""
+    name = " ".join(device_name.split()).lower()
+    return name.removeprefix("nvidia ")
+
+
 def gpu_peak_flops(device_name: str) -> float | None:
-    """Vendor peak for a known GPU name (longest matching key wins), else None."""
-    matches = [k for k in GPU_PEAK_FLOPS if k in device_name]
-    return GPU_PEAK_FLOPS[max(matches, key=len)] if matches else None
+    """Vendor dense (no sparsity) bf16 tensor-core peak FLOP/s for a GPU (fp16 for the V100, which
+    has no bf16), looked up by exact device name after normalising whitespace, case and an optional
+    "NVIDIA " prefix. An unknown name gives None, never a near match's figure."""
+    return GPU_PEAK_FLOPS.get(_normalise_device_name(device_name))
 
 
 def measure_matmul_flops(

@@ -65,3 +65,33 @@ def test_dotted_overrides():
         parse_overrides(["--model.d_model"])
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["model.d_model", "3"])
+
+
+def test_global_batch_rounds_to_the_nearest_multiple_when_asked():
+    from crate_lm.config import run_config_from_dict
+
+    exact = run_config_from_dict({"train": {"micro_batch": 8, "global_batch": 512}})
+    with pytest.raises(ConfigError, match=r"not divisible .* 8 x 24 = 192.*round_global_batch"):
+        exact.batch_plan(24)
+    rounding = run_config_from_dict({"train": {"micro_batch": 8, "global_batch": 512, "round_global_batch": True}})
+    assert rounding.batch_plan(24) == (8, 3, 576)  # 576 is 64 away from 512, 384 is 128
+    assert rounding.batch_plan(3) == (8, 21, 504)
+    assert rounding.batch_plan(96) == (8, 1, 768)  # fewer samples than one micro-batch per rank: one step
+    assert rounding.batch_plan(16) == (8, 4, 512)  # where it divides, nothing changes
+
+
+def test_every_recipe_has_a_batch_plan_for_any_cluster_size():
+    """The README's claim: exact on powers of two up to 64, rounded (and said) on other counts."""
+    from pathlib import Path
+
+    from crate_lm.config import load_run_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        cfg = load_run_config(path)
+        for world in (1, 2, 4, 8, 16, 32, 64):
+            assert cfg.batch_plan(world)[2] == (cfg.train.global_batch or cfg.train.micro_batch * world), path
+        if cfg.train.global_batch:  # the cluster recipes
+            assert cfg.train.round_global_batch, path
+            for world in (3, 6, 12, 24, 40, 48, 72, 96, 128):
+                micro, accum, total = cfg.batch_plan(world)
+                assert total == micro * accum * world and abs(total - cfg.train.global_batch) < micro * world

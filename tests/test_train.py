@@ -318,6 +318,46 @@ def test_stop_signal_during_a_save_completes_it(corpus, tmp_path):
     assert not [p for p in ckpts.iterdir() if not (p / "COMPLETE").is_file()], "no half-written folder"
 
 
+def test_a_stop_signal_during_start_up_is_honoured(corpus, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "building"
+    proc = subprocess.Popen(
+        patched(tmp_path, corpus, out, "--data.num_workers", "2", slow_start=str(marker)),
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert wait_for(marker.exists)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM at step 0; nothing new to save" in stdout
+    assert not (out / "checkpoints").exists()
+
+
+def test_all_ranks_resume_the_checkpoint_rank_0_chose(corpus, two_rank_runs, tmp_path):
+    """Rank 1 does not see the newest checkpoint yet (a network filesystem's attribute cache):
+    it still resumes the step rank 0 chose, so ZeRO shards of two steps never mix."""
+    out = tmp_path / "run"
+    for step in (3, 6):
+        shutil.copytree(two_rank_runs[2] / "checkpoints" / f"step_{step:08d}", out / "checkpoints" / f"step_{step:08d}")
+    cmd = patched(tmp_path, corpus, out, "--deepspeed.zero_stage", "2", "--train.max_steps", "8", nproc=2,
+                  stale_listing_rank=1)  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 6" in proc.stdout
+    assert sorted(s for s in losses(out) if s > 6) == [7, 8]
+
+
+def test_a_world_size_that_does_not_divide_the_batch_rounds_it_and_says_so(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = pretrain(corpus, out, "--train.micro_batch", "2", "--train.round_global_batch", "true",
+                    "--train.max_steps", "2", "--train.eval_interval", "0", nproc=3)  # fmt: skip
+    assert "global batch 8 does not divide by micro_batch x world size = 2 x 3; using the nearest multiple, 6" in (
+        proc.stdout
+    )
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["global_batch"] == 6
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert (state["global_batch"], state["consumed_samples"]) == (6, 12)
+
+
 def resumed_copy(src: Path, dst: Path, step: int) -> Path:
     """A run folder holding only ``src``'s checkpoint at ``step`` (what an interruption leaves)."""
     (dst / "checkpoints").mkdir(parents=True)
@@ -480,6 +520,24 @@ def slow_save_file(tensors, filename, metadata=None):
     return save_file(tensors, filename, metadata=metadata)
 
 safetensors.torch.save_file = slow_save_file
+
+if "stale_listing_rank" in patch and os.environ.get("RANK") == str(patch["stale_listing_rank"]):
+    import crate_lm.checkpoint as ckpt  # this rank's view of the filesystem misses the newest checkpoint
+
+    listing = ckpt.complete_checkpoints
+    ckpt.complete_checkpoints = lambda root: listing(root)[:-1]
+
+if "slow_start" in patch:  # a long start-up (model construction, resume) during which a signal arrives
+    import crate_lm.train.trainer as trainer
+
+    build = trainer.build_engine
+
+    def slow_build(*args, **kwargs):
+        open(patch["slow_start"], "w").close()
+        time.sleep(3)
+        return build(*args, **kwargs)
+
+    trainer.build_engine = slow_build
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -574,10 +632,43 @@ def test_masked_lm_run_reports_masked_token_accuracy(corpus, tmp_path):
     assert all(0 < loss < 20 for loss in losses(out).values())
 
 
+def weights_of(out: Path, step: int) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
 def test_bf16_zero1_run(corpus, tmp_path):
     out = tmp_path / "run"
     pretrain(corpus, out, "--deepspeed.precision", "bf16", "--deepspeed.zero_stage", "1", "--train.max_steps", "3")
     assert all(0 < loss < 20 for loss in losses(out).values())
+    weights, meta = weights_of(out, 3)
+    assert (meta["crate_lm.weights"], meta["crate_lm.dtype"], meta["crate_lm.precision"]) == (
+        "module",
+        "bfloat16",
+        "bf16",
+    )
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_run_can_save_its_fp32_master_weights(stage, corpus, tmp_path):
+    """checkpoint.weights: fp32 saves the optimizer's masters (gathered from 2 ranks' partitions
+    under ZeRO-2), which the bf16 module weights are a rounding of."""
+    out = tmp_path / "run"
+    pretrain(corpus, out, "--deepspeed.precision", "bf16", "--deepspeed.zero_stage", str(stage), "--train.max_steps",
+             "3", "--checkpoint.weights", "fp32", "--train.eval_interval", "0", nproc=2 if stage else 1)  # fmt: skip
+    masters, meta = weights_of(out, 3)
+    assert (meta["crate_lm.weights"], meta["crate_lm.dtype"]) == ("fp32 master", "float32")
+    from crate_lm.checkpoint import load_model
+
+    model, _ = load_model(out)
+    assert set(masters) == set(model.state_dict())
+    rounded = sum(int((m.to(torch.bfloat16).float() != m).sum()) for m in masters.values())
+    assert rounded > 0, "more precision than bf16 holds: these are the masters"
+    state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["weights_finite"] and state["sound"]
 
 
 def test_wandb_keeps_one_run_across_restarts(corpus, tmp_path):

@@ -1,8 +1,8 @@
 """Lifecycle callbacks: what watches a run, kept out of the training loop.
 
-The trainer calls, on every rank, ``on_fit_start`` once, ``on_step`` after each optimizer
-step, ``on_record`` for every record it emits (metrics, validation, events), and ``on_fit_end``
-once, also when the run stops early. Records reach the sinks on rank 0 only. Monitors add their
+The trainer calls ``on_fit_start`` once, ``on_step`` after each optimizer step, ``on_record``
+for every record it emits (metrics, validation, events), ``on_loop_end`` when the loop is left
+for the final save and report, and ``on_fit_end`` once, also when the run fails. Records reach the sinks on rank 0 only. Monitors add their
 fields to a log record in ``on_log``.
 """
 
@@ -30,6 +30,8 @@ class Callback:
         """Add this monitor's fields to the interval's log record (and start a new window)."""
 
     def on_record(self, record: dict) -> None: ...
+
+    def on_loop_end(self, trainer: Trainer) -> None: ...
 
     def on_fit_end(self, trainer: Trainer, status: str) -> None: ...
 
@@ -113,9 +115,13 @@ class ProgressBar(Callback):
         elif event == "loss_spike":
             tqdm.write(f"step {step}: loss spike {record['loss']:.4g} (recent mean {record['mean']:.4g})")
 
-    def on_fit_end(self, trainer: Trainer, status: str) -> None:
+    def on_loop_end(self, trainer: Trainer) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def on_fit_end(self, trainer: Trainer, status: str) -> None:
+        self.on_loop_end(trainer)
 
 
 class MetricsFile(Callback):

@@ -21,21 +21,42 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 
 def setup_distributed() -> None:
-    """Join (or, under plain ``python``, form) the process group: gloo on CPU, nccl on GPU."""
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
+    """Join the process group the launcher describes (``crate_lm.train.launch``; plain ``python``
+    is a world of one): gloo on CPU, nccl on GPU. Collectives time out after
+    ``CRATE_LM_DIST_TIMEOUT`` seconds (default 1800), so a dead rank ends the job instead of hanging it."""
+    import datetime
+
+    import deepspeed
+
+    from crate_lm.train.launch import LaunchError, launch_environment
+
+    values, note = launch_environment(os.environ)
+    if not values["MASTER_PORT"]:
         import socket
 
         with socket.socket() as s:  # a free port for a single-process run
             s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            values["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.update(values)
+    if note and values["RANK"] == "0":
+        print(note, flush=True)
+    try:
+        timeout = datetime.timedelta(seconds=float(os.environ.get("CRATE_LM_DIST_TIMEOUT", "1800")))
+    except ValueError:
+        raise LaunchError(
+            f"CRATE_LM_DIST_TIMEOUT={os.environ['CRATE_LM_DIST_TIMEOUT']!r} is not a number of seconds"
+        ) from None
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local, count = int(values["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= count and count != 1:
+            raise LaunchError(
+                f"local rank {local} but only {count} GPUs are visible on this node; start one process per GPU"
+            )
+        torch.cuda.set_device(local if count > 1 else 0)  # one visible GPU: the launcher chose it for this task
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False, timeout=timeout
+        )
 
 
 def client_clips(cfg: RunConfig) -> bool:

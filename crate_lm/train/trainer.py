@@ -138,6 +138,12 @@ class Trainer:
         setup_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.micro, self.accum, self.global_batch = cfg.batch_plan(self.world)
+        if cfg.train.global_batch not in (None, self.global_batch):  # train.round_global_batch chose another
+            if self.rank == 0:
+                print(f"train: global batch {cfg.train.global_batch} does not divide by micro_batch x world size = "
+                      f"{self.micro} x {self.world}; using the nearest multiple, {self.global_batch} = "
+                      f"{self.micro} x {self.accum} x {self.world} (train.round_global_batch)", flush=True)  # fmt: skip
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=self.global_batch))
         if not torch.cuda.is_available():
             if cfg.deepspeed.precision == "fp16":
                 raise ConfigError("deepspeed.precision: fp16 is not supported on CPU; use bf16 or fp32")
@@ -313,6 +319,8 @@ class Trainer:
                     self.emit({"step": state.step, **self.last_eval})
                 if self.checkpointer.should_save(state.step) and state.step < cfg.train.max_steps:
                     self.save()
+            for callback in self.callbacks:
+                callback.on_loop_end(self)
             self.save()
             if self.stop_agreed:
                 status = "stopped"
