@@ -8,9 +8,17 @@ A run's ``checkpoints/`` folder holds one folder per saved step::
         trainer_state.json         step, samples and tokens consumed, tokenizer fingerprint, world size,
                                    health (``sound``: saved while the loss and the weights were healthy)
         config.yaml                the effective run config
-        model.safetensors          consolidated weights (load with ``load_model``); its metadata
+        model.safetensors          consolidated weights (load with ``load``); its metadata
                                    records the model config, so the weights know their architecture
+        tokenizer/                 the run's tokenizer: tokenizer.json (tokenizers) or tokenizer.model
+                                   (sentencepiece), special tokens included, and tokenizer_info.json;
+                                   ``load_tokenizer`` on the folder gives the run's fingerprint
         COMPLETE                   written last: only folders that have it are ever resumed from
+
+A checkpoint folder is self-contained: ``crate_lm.load(folder)`` (or the run folder, or a copy of
+either moved anywhere) gives the model, its config and its tokenizer without the run's data.
+Checkpoints written before ``tokenizer/`` existed find the tokenizer through the run config's
+data paths (see ``load``).
 
 Loading never unpickles code: DeepSpeed's files are read with ``torch.load(weights_only=True)``
 (a few DeepSpeed value classes allowlisted), the rest is JSON, YAML and safetensors.
@@ -20,11 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,8 +52,12 @@ from crate_lm.config import (
 from crate_lm.errors import CrateLMError
 from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
 
+if TYPE_CHECKING:
+    from crate_lm.data import Tokenizer
+
 COMPLETE = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+TOKENIZER_DIR = "tokenizer"
 
 
 class CheckpointError(CrateLMError):
@@ -151,10 +166,13 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: RunConfig) -> Path:
-    """Save on every rank (collective); rank 0 writes the consolidated weights, the config and
-    the trainer state, checks the weights (``weights_finite``, ``max_abs_weight`` join the
-    trainer state), and marks the folder COMPLETE last."""
+def save_checkpoint(
+    engine, root: Path, step: int, trainer_state: dict, cfg: RunConfig, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Save on every rank (collective); rank 0 writes the consolidated weights, the config, the
+    trainer state and (given one) the run's tokenizer into ``tokenizer/``, checks the weights
+    (``weights_finite``, ``max_abs_weight`` join the trainer state), and marks the folder COMPLETE
+    last."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -187,9 +205,51 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, cfg: Run
         tmp.rename(folder / "model.safetensors")
         atomic_write_bytes(folder / "config.yaml", dump_run_config(cfg).encode())
         atomic_write_json(folder / "trainer_state.json", trainer_state)
+        if tokenizer is not None:
+            write_tokenizer(folder, tokenizer)
         atomic_write_bytes(folder / COMPLETE, b"")
     dist.barrier()
     return folder
+
+
+def write_tokenizer(folder: str | Path, tokenizer: Tokenizer) -> Path:
+    """Write ``tokenizer``'s files into ``folder/tokenizer/`` atomically: into a temporary folder,
+    checked to load back with the same fingerprint, then renamed into place. Returns the folder."""
+    from crate_lm.data import load_tokenizer
+
+    folder = Path(folder)
+    target = folder / TOKENIZER_DIR
+    tmp = folder / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tokenizer.save(tmp)
+    copy = load_tokenizer(tmp)
+    if copy.fingerprint != tokenizer.fingerprint:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{tmp}: the copied tokenizer has fingerprint {copy.fingerprint}, not {tokenizer.fingerprint}; "
+            "the disk altered it, save the checkpoint again"
+        )
+    _fsync(tmp)  # its files were flushed as they were written
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    _fsync(folder)
+    return target
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (best effort: some filesystems refuse folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_checkpoint(folder: Path) -> None:
@@ -498,18 +558,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a trained model in one call from a checkpoint folder (or a run folder: its latest
-    complete checkpoint). Returns ``(model, run_config)``; the model is in eval mode."""
+def _check_model_folder(folder: Path) -> None:
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.yaml").is_file():
+        raise CheckpointError(f"{folder} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
+
+
+def _load_weights(
+    folder: Path, cfg: RunConfig, device: str | torch.device, dtype: torch.dtype | None
+) -> torch.nn.Module:
+    """The model of ``cfg`` with ``folder/model.safetensors`` loaded, in eval mode on device/dtype."""
     from safetensors.torch import load_file
 
     from crate_lm.model import build_model
 
-    path = resolve_checkpoint(path)
-    weights, config = path / "model.safetensors", path / "config.yaml"
-    if not weights.is_file() or not config.is_file():
-        raise CheckpointError(f"{path} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
-    cfg = read_checkpoint_config(path)
+    weights, config = folder / "model.safetensors", folder / "config.yaml"
     model = build_model(cfg.model)
     try:
         state = load_file(str(weights))
@@ -532,32 +594,265 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
         )
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype).eval()
-    return model, cfg
+    return model
 
 
-def load_run_tokenizer(path: str | Path, cfg: RunConfig | None = None):
-    """The tokenizer a run trained with (``data.tokenizer``, else the one its data records),
-    checked against the fingerprint the checkpoint saved."""
-    from crate_lm.data import load_tokenizer, read_meta
-
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> tuple[torch.nn.Module, RunConfig]:
+    """Load a trained model in one call from a checkpoint folder (or a run folder: its latest
+    complete checkpoint). Returns ``(model, run_config)``; the model is in eval mode. ``load``
+    gives the tokenizer too."""
     folder = resolve_checkpoint(path)
-    cfg = cfg or load_run_config(folder / "config.yaml")
-    tok_path = cfg.data.tokenizer or read_meta(cfg.data.path[0])["tokenizer"]["path"]
-    tokenizer = load_tokenizer(tok_path)
-    expected = load_trainer_state(folder).get("tokenizer_fingerprint")
-    if expected and expected != tokenizer.fingerprint:
-        raise CheckpointError(
-            f"{folder} was trained with tokenizer {expected}, but {tok_path} is {tokenizer.fingerprint}; "
-            "point data.tokenizer at the tokenizer the run used"
-        )
-    return tokenizer
+    _check_model_folder(folder)
+    cfg = read_checkpoint_config(folder)
+    return _load_weights(folder, cfg, device, _as_dtype(dtype)), cfg
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise CheckpointError(f"dtype {dtype!r} is not a torch dtype; pass e.g. torch.bfloat16 or 'float32'")
+    return found
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A training checkpoint (which must carry its trainer state), not an exported folder."""
+    return (folder / COMPLETE).is_file() or bool(TAG_PATTERN.match(folder.name))
+
+
+def _expected_fingerprint(folder: Path) -> str | None:
+    """The tokenizer fingerprint the checkpoint recorded (None: an exported folder without one)."""
+    if not _is_checkpoint(folder) and not (folder / "trainer_state.json").is_file():
+        return None
+    return load_trainer_state(folder).get("tokenizer_fingerprint")
+
+
+def _search_bases(folder: Path) -> list[Path]:
+    """Where a run's relative data paths may be relative to: the current directory, then the
+    checkpoint's folder and every folder above it (a run trained from ``repo`` with
+    ``data/...`` paths, its folder at ``repo/runs/x``, finds them in ``repo``)."""
+    bases = [Path.cwd(), folder.resolve(), *folder.resolve().parents]
+    return list(dict.fromkeys(bases))
+
+
+def resolve_run_data(folder: Path, cfg: RunConfig) -> Path:
+    """The run's first prepared data folder (``data.path[0]``), as written or under one of
+    ``_search_bases``; a one-line CheckpointError when it is nowhere to be found."""
+    raw = Path(cfg.data.path[0]).expanduser()
+    for root in [raw] if raw.is_absolute() else [base / raw for base in _search_bases(Path(folder))]:
+        if (root / "meta.json").is_file():
+            return root
+    raise CheckpointError(
+        f"the run's data ({raw}) is not found from here or above {folder}; pass --data SHARDS_OR_TEXT"
+    )
+
+
+def _run_tokenizer_candidates(folder: Path, cfg: RunConfig) -> tuple[list[Path], str]:
+    """Paths where the run's own tokenizer may be (existing ones only, most likely first), and
+    what was looked for (for the error that none was found)."""
+    from crate_lm.data import DataError, read_meta
+
+    bases = _search_bases(folder)
+
+    def under(raw: str) -> list[Path]:
+        path = Path(raw).expanduser()
+        return [path] if path.is_absolute() else [base / path for base in bases]
+
+    if cfg.data.tokenizer:
+        wanted = f"data.tokenizer {cfg.data.tokenizer}"
+        found = [p for p in under(cfg.data.tokenizer) if p.exists()]
+    else:
+        wanted = f"the tokenizer named by {' / '.join(str(Path(d) / 'meta.json') for d in cfg.data.path)}"
+        found = []
+        for data in cfg.data.path:
+            for root in under(data):
+                if not (root / "meta.json").is_file():
+                    continue
+                try:
+                    recorded = read_meta(root)["tokenizer"].get("path")
+                except DataError:
+                    continue
+                if recorded:
+                    found += [p for p in under(recorded) if p.exists()]
+    return list(dict.fromkeys(found)), wanted
+
+
+def _resolve_tokenizer(folder: Path, cfg: RunConfig, tokenizer: Tokenizer | str | Path | None) -> Tokenizer:
+    """The checkpoint's tokenizer (see ``load``), checked against its recorded fingerprint."""
+    from crate_lm.data import DataError, Tokenizer, load_tokenizer
+
+    expected = _expected_fingerprint(folder)
+
+    def checked(tok: Tokenizer, where: str) -> Tokenizer:
+        if expected and tok.fingerprint != expected:
+            raise CheckpointError(
+                f"{folder} was trained with tokenizer {expected}, but {where} is {tok.fingerprint}; "
+                "pass tokenizer= the tokenizer the run used"
+            )
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise CheckpointError(
+                f"{where} has {tok.vocab_size} tokens, more than the model's embedding (model.vocab_size="
+                f"{cfg.model.vocab_size}) in {folder}; pass tokenizer= the tokenizer the run used"
+            )
+        return tok
+
+    if isinstance(tokenizer, Tokenizer):
+        return checked(tokenizer, f"the tokenizer passed ({tokenizer.path})")
+    if tokenizer is not None:
+        return checked(load_tokenizer(tokenizer), str(tokenizer))
+    own = folder / TOKENIZER_DIR
+    if own.is_dir():
+        return checked(load_tokenizer(own), str(own))
+    candidates, wanted = _run_tokenizer_candidates(folder, cfg)
+    first: tuple[Tokenizer, Path] | None = None
+    for path in candidates:
+        try:
+            tok = load_tokenizer(path)
+        except DataError:
+            continue
+        if not expected or tok.fingerprint == expected:
+            return checked(tok, str(path))
+        first = first or (tok, path)
+    if first is not None:
+        return checked(first[0], str(first[1]))  # raises: the fingerprint differs
+    raise CheckpointError(
+        f"no tokenizer for {folder}: it has no {TOKENIZER_DIR}/ folder (saved before checkpoints carried one) and "
+        f"{wanted} is found neither from {Path.cwd()} nor from any folder above the checkpoint; "
+        "pass tokenizer= (crate-lm generate: --tokenizer) the tokenizer file or folder the run trained with"
+    )
+
+
+def load_run_tokenizer(
+    path: str | Path, cfg: RunConfig | None = None, tokenizer: Tokenizer | str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer a checkpoint (or a run folder's latest) was trained with, found as ``load``
+    finds it and checked against the fingerprint the checkpoint saved."""
+    folder = resolve_checkpoint(path)
+    if cfg is None:
+        try:
+            cfg = load_run_config(folder / "config.yaml")
+        except ConfigError as err:
+            raise CheckpointError(f"{folder / 'config.yaml'}: {err}") from None
+    return _resolve_tokenizer(folder, cfg, tokenizer)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model with everything needed to use it: ``model`` (eval mode), ``tokenizer``,
+    ``cfg`` (its run config) and ``path`` (the checkpoint folder it came from).
+
+    Calling it calls the model: ``lm(lm.to_tokens("Hello")).logits``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    cfg: RunConfig
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding a batch: the tokenizer's pad token, else (tokenizers without one) end-of-document."""
+        pad = self.tokenizer.specials.get("pad")
+        return pad if pad is not None else self.tokenizer.eod_id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def to_tokens(
+        self, text: str | Sequence[str], prepend_eod: bool = False, return_mask: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Token ids on the model's device: (1, T) for a string; (B, T) for a list of strings,
+        right-padded with ``pad_id``. ``prepend_eod`` starts each with the end-of-document token
+        (the model's document start). ``return_mask``: also the (B, T) bool mask, True on real
+        tokens, to pass as ``attention_mask`` and to ``to_string``."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("to_tokens takes a string or a non-empty list of strings")
+        rows = self.tokenizer.encode_batch(texts) if len(texts) > 1 else [self.tokenizer.encode(texts[0])]
+        if prepend_eod:
+            rows = [[self.tokenizer.eod_id, *row] for row in rows]
+        width = max(len(row) for row in rows)
+        pad = self.pad_id if width > min(len(row) for row in rows) else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return (ids, mask) if return_mask else ids
+
+    def to_string(self, ids: torch.Tensor | Sequence, mask: torch.Tensor | Sequence | None = None) -> str | list[str]:
+        """Text of token ids: a string for one sequence (1-D), a list for a batch (2-D). Positions
+        where ``mask`` is False are dropped; without a mask, the tokenizer's pad tokens are."""
+        rows, single = _as_rows(ids, "ids")
+        if mask is not None:
+            keeps, _ = _as_rows(mask, "mask")
+            if [len(k) for k in keeps] != [len(r) for r in rows]:
+                raise ValueError("to_string: mask and ids differ in shape")
+        else:
+            pad = self.tokenizer.specials.get("pad")
+            keeps = [[i != pad for i in row] for row in rows]
+        texts = [self.tokenizer.decode([i for i, k in zip(row, keep) if k]) for row, keep in zip(rows, keeps)]
+        return texts[0] if single else texts
+
+
+def _as_rows(x: torch.Tensor | Sequence, what: str) -> tuple[list[list[int]], bool]:
+    """(rows of ints, whether ``x`` was one sequence) of a 1-D or 2-D tensor, array or list
+    (a list of rows may be ragged)."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(x).detach().cpu()
+        if t.dim() > 2:
+            raise ValueError(f"to_string takes 1-D or 2-D {what}, got shape {tuple(t.shape)}")
+        return ([t.reshape(-1).tolist()] if t.dim() < 2 else t.tolist()), t.dim() < 2
+    items = list(x)
+    nested = [not isinstance(i, (int, np.integer, np.bool_)) and torch.as_tensor(i).dim() > 0 for i in items]
+    if not any(nested):
+        return [[int(i) for i in items]], True
+    return [[int(i) for i in torch.as_tensor(row).reshape(-1).tolist()] for row in items], False
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    tokenizer: Tokenizer | str | Path | None = None,
+) -> LoadedModel:
+    """Open a trained model with its tokenizer, from any working directory.
+
+    ``path``: a run folder (its latest complete checkpoint), a checkpoint folder, or an exported
+    folder (model.safetensors and config.yaml, optionally tokenizer/). The tokenizer is, in order:
+    ``tokenizer`` (a Tokenizer, or a tokenizer file or folder); the checkpoint's ``tokenizer/``;
+    for checkpoints saved before they carried one, the run's ``data.tokenizer`` (else the one its
+    data's meta.json names), relative paths tried from the current directory and from each folder
+    above the checkpoint. It must have the fingerprint the checkpoint recorded. The model is in
+    eval mode on ``device`` in ``dtype`` (default: as saved, usually float32).
+    """
+    folder = resolve_checkpoint(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    _check_model_folder(folder)
+    cfg = read_checkpoint_config(folder)
+    tok = _resolve_tokenizer(folder, cfg, tokenizer)
+    model = _load_weights(folder, cfg, device, _as_dtype(dtype))
+    return LoadedModel(model=model, tokenizer=tok, cfg=cfg, path=folder)
 
 
 __all__ = [
     "CheckpointError",
+    "LoadedModel",
     "check_compatible",
     "complete_checkpoints",
+    "load",
     "load_model",
     "load_run_tokenizer",
     "save_checkpoint",
+    "write_tokenizer",
 ]

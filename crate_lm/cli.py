@@ -44,20 +44,22 @@ def _check_generate_args(max_new_tokens: Any, temperature: Any, top_k: Any, seed
         raise CrateLMError(f"--seed must be a whole number, got {seed!r}")
 
 
-def _load_for_generation(run: str):
-    """(model, run config, tokenizer) of a run folder or checkpoint folder, or a CrateLMError."""
+def _load_for_generation(run: str, tokenizer: str | None = None):
+    """The ``LoadedModel`` (model, run config, tokenizer) of a run folder or checkpoint folder,
+    from any working directory, or a CrateLMError."""
     path = Path(run)  # checked before torch is imported
     if not path.exists():
         raise CrateLMError(f"{run}: no such run or checkpoint folder")
     if not path.is_dir():
         raise CrateLMError(f"{run} is a file; pass a run folder or a checkpoint folder")
-    from crate_lm.checkpoint import CheckpointError, load_model, load_run_tokenizer, resolve_checkpoint
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise CrateLMError(f"--tokenizer {tokenizer}: no such tokenizer file or folder")
+    from crate_lm.checkpoint import CheckpointError, load
 
-    folder = resolve_checkpoint(path)
-    model, cfg = load_model(folder)
-    if cfg.model.task != "causal":
-        raise CheckpointError(f"{folder} holds a {cfg.model.task} model; generate needs model.task: causal")
-    return model, cfg, load_run_tokenizer(folder, cfg)
+    lm = load(path, tokenizer=tokenizer)
+    if lm.cfg.model.task != "causal":
+        raise CheckpointError(f"{lm.path} holds a {lm.cfg.model.task} model; generate needs model.task: causal")
+    return lm
 
 
 class CrateLM:
@@ -84,7 +86,7 @@ class CrateLM:
             "cache_bytes_per_token_bf16": cache_bytes_per_token(cfg),
         }
 
-    @fire.decorators.SetParseFns(run=str, prompt=str)
+    @fire.decorators.SetParseFns(run=str, prompt=str, tokenizer=str)
     def generate(
         self,
         run: str,
@@ -93,8 +95,13 @@ class CrateLM:
         temperature: float = 0.8,
         top_k: int | None = 50,
         seed: int = 0,
+        tokenizer: str | None = None,
     ) -> str:
         r"""Continue a prompt with a trained causal model (a run folder or a checkpoint folder).
+
+        Works from any directory, and on a run folder copied or moved anywhere: checkpoints carry
+        their tokenizer. For older checkpoints without one, the run's tokenizer is looked for
+        from the current directory and the folders above the run; --tokenizer PATH names it.
 
         The prompt is always text; in it ``\n`` is a newline, ``\t`` a tab and ``\\`` one
         backslash. Generation stops at the model's context (model.max_seq_len), with a note on
@@ -105,7 +112,8 @@ class CrateLM:
         """
         _check_generate_args(max_new_tokens, temperature, top_k, seed)
         prompt = unescape_prompt(prompt)
-        model, cfg, tokenizer = _load_for_generation(run)
+        lm = _load_for_generation(run, tokenizer)
+        model, cfg, tokenizer = lm.model, lm.cfg, lm.tokenizer
 
         import torch
 
@@ -124,6 +132,56 @@ class CrateLM:
         generator = torch.Generator().manual_seed(seed)
         out = generate(model, torch.tensor([ids]), new, temperature=temperature, top_k=top_k, generator=generator)
         return tokenizer.decode(out[0].tolist())
+
+    @fire.decorators.SetParseFns(run=str, data=str, out=str)
+    def whitebox(
+        self,
+        run: str,
+        data: str | None = None,
+        tokens: int = 20_000,
+        compare_init: bool = False,
+        out: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        """Per layer: coding rate R(Z), compression R^c(Z | U_[K]) against the layer's own subspaces,
+        sparsity of the ISTA code and the LASSO objective before and after the ISTA step, on held-out
+        tokens (default: the run's own validation split; --data takes prepared shards or a text
+        file). --compare_init puts the same model at initialisation beside it. Writes whitebox.json
+        and whitebox.png to --out (default: <checkpoint>/whitebox).
+
+        Example: crate-lm whitebox runs/default --compare_init
+        """
+        from crate_lm.interp.whitebox import whitebox
+
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise CrateLMError(f"--tokens must be a whole number, got {tokens!r}")
+        _require_folder(run)
+        report = whitebox(run, data=data, tokens=tokens, compare_init=compare_init, out=out, device=device)
+        _print_whitebox(report)
+
+
+def _require_folder(run: str) -> None:
+    path = Path(run)
+    if not path.exists():
+        raise CrateLMError(f"{run}: no such run or checkpoint folder")
+    if not path.is_dir():
+        raise CrateLMError(f"{run} is a file; pass a run folder or a checkpoint folder")
+
+
+def _print_whitebox(report: dict) -> None:
+    """A table per layer and the one-line summary."""
+    rows = report["trained"]
+    init = report.get("init") or [{}] * len(rows)
+    keys = [k for k in ("coding_rate", "compression", "zero_fraction", "mean_l0", "lasso_before", "lasso_after")
+            if k in rows[0]]  # fmt: skip
+    print("layer " + " ".join(f"{k:>14}" for k in keys) + ("   (init in brackets)" if report.get("init") else ""))
+    for row, first in zip(rows, init):
+        cells = []
+        for k in keys:
+            cell = f"{row[k]:.4g}" + (f" [{first[k]:.4g}]" if k in first else "")
+            cells.append(f"{cell:>14}")
+        print(f"{row['layer']:>5} " + " ".join(cells))
+    print(f"whitebox: {len(rows)} layers on {report['tokens']:,} held-out tokens -> {report['out']}")
 
 
 def _fire() -> int:

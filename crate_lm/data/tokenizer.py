@@ -47,6 +47,7 @@ class Tokenizer:
         self.path = path
         self.kind = "sentencepiece" if path.suffix == ".model" else "huggingface"
         data = path.read_bytes()
+        self._data = data  # the exact bytes fingerprinted, for ``save``
         self.fingerprint = hashlib.sha256(data).hexdigest()[:16]
         if self.kind == "huggingface":
             from tokenizers import Tokenizer as HFTokenizer
@@ -124,6 +125,25 @@ class Tokenizer:
             else:
                 run.append(i)
         return "".join(parts + [self._sp.decode(run)])
+
+    # ---- files ------------------------------------------------------------------------------
+    @property
+    def filename(self) -> str:
+        """The name ``load_tokenizer`` looks for in a folder: tokenizer.json or tokenizer.model."""
+        return "tokenizer.json" if self.kind == "huggingface" else "tokenizer.model"
+
+    def save(self, folder: str | Path) -> Path:
+        """Write this tokenizer into ``folder`` (created) so that ``load_tokenizer(folder)`` gives it
+        back with the same fingerprint: the exact bytes it was loaded from, as ``filename`` (the
+        special tokens live in that file), plus ``tokenizer_info.json`` describing it. Returns the
+        tokenizer file's path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / self.filename
+        atomic_write_bytes(target, self._data)
+        info = {**self.describe(), "path": self.filename, "copied_from": str(self.path)}
+        atomic_write_bytes(folder / "tokenizer_info.json", json.dumps(info, indent=2).encode())
+        return target
 
     def describe(self) -> dict:
         """What shards and checkpoints record about the tokenizer."""

@@ -7,7 +7,7 @@ import torch
 from crate_lm.config import ModelConfig
 from crate_lm.model.crate import CrateForCausalLM, CrateForMaskedLM, CrateLMBase, LMOutput
 from crate_lm.model.generation import GenerationCache, generate
-from crate_lm.model.hooks import HookPoint, hook_point_names
+from crate_lm.model.hooks import ActivationCache, HookedModelMixin, HookPoint, act_name, hook_point_names
 from crate_lm.model.size import cache_bytes_per_token, flops_per_token, param_count
 
 
@@ -25,13 +25,16 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None) -
 
 
 __all__ = [
+    "ActivationCache",
     "CrateForCausalLM",
     "CrateForMaskedLM",
     "CrateLMBase",
     "GenerationCache",
     "HookPoint",
+    "HookedModelMixin",
     "LMOutput",
     "ModelConfig",
+    "act_name",
     "build_model",
     "cache_bytes_per_token",
     "flops_per_token",

@@ -3,6 +3,7 @@
 ``attend`` computes softmax(mask(q k^T / sqrt(p))) v either with
 ``torch.nn.functional.scaled_dot_product_attention`` (the fast path: flash / memory-efficient
 kernels on GPU) or with explicit matrix products (the reference path used to check it).
+``attention_pattern`` is that path's probabilities, for layers whose ``hook_pattern`` is hooked.
 """
 
 from __future__ import annotations
@@ -75,16 +76,27 @@ def attend(
     """softmax(mask(q k^T / sqrt(p))) v for (B, heads, T, p) tensors."""
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, dropout_p=dropout_p, is_causal=mask.causal)
+    probs = attention_pattern(q, k, mask)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
+def attention_pattern(q: Tensor, k: Tensor, mask: AttentionMask) -> Tensor:
+    """The attention probabilities softmax(mask(q k^T / sqrt(p))), (B, heads, T_q, T_k).
+
+    The softmax runs in fp32; a query that may see no key gets a row of zeros (as SDPA does).
+    """
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     allowed = mask.mask
     if mask.causal:
         allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    if dropout_p:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
+    probs = torch.softmax(scores.float(), dim=-1)
+    if allowed is not None and mask.mask is not None:
+        probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    return probs.to(q.dtype)
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:

@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from crate_lm.config import ModelConfig
-from crate_lm.model.attention import AttentionMask, attend, build_attention_mask, merge_heads, split_heads
-from crate_lm.model.hooks import HookPoint
+from crate_lm.model.attention import (
+    AttentionMask,
+    attend,
+    attention_pattern,
+    build_attention_mask,
+    merge_heads,
+    split_heads,
+)
+from crate_lm.model.hooks import HookedModelMixin, HookPoint
 
 IGNORE_INDEX = -100
 
@@ -34,6 +41,9 @@ class MSSA(nn.Module):
     Q_k = Y U_k                                   (N x p)
     H_k = softmax(mask(Q_k Q_k^T / sqrt(p))) Q_k
     Z'  = Z + concat_k(H_k) W_out^T + b_out
+
+    Hooks: ``hook_q`` (Q, (B, K, T, p)), ``hook_pattern`` (A_k, (B, K, T, T): computed, by the
+    explicit path, only when hooked; otherwise SDPA), ``hook_out`` (what is added to Z).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -48,14 +58,20 @@ class MSSA(nn.Module):
         self.out.is_output_proj = True
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_q = HookPoint()  # (B, K, T, p): the per-head subspace coordinates Q_k
+        self.hook_pattern = HookPoint()  # (B, K, T, T_k): softmax(mask(Q_k Q_k^T / sqrt(p))), only when hooked
         self.hook_out = HookPoint()  # (B, T, d): the MSSA update added to the stream
 
     def forward(self, z: Tensor, mask: AttentionMask, cache=None, layer: int = 0) -> Tensor:
         y = self.ln(z)
         q = self.hook_q(split_heads(self.proj_u(y), self.n_heads))
         kv = cache.update(layer, q)[0] if cache is not None else q  # q = k = v: one cached tensor
-        h = attend(q, kv, kv, mask, dropout_p=self.attn_dropout if self.training else 0.0, impl=self.attn_impl)
-        return z + self.drop(self.hook_out(self.out(merge_heads(h))))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.hook_pattern.has_hooks:  # the probabilities are wanted: explicit path
+            probs = self.hook_pattern(attention_pattern(q, kv, mask))
+            h = (F.dropout(probs, p=dropout_p) if dropout_p else probs) @ kv
+        else:
+            h = attend(q, kv, kv, mask, dropout_p=dropout_p, impl=self.attn_impl)
+        return z + self.hook_out(self.drop(self.out(merge_heads(h))))
 
 
 class ISTA(nn.Module):
@@ -66,7 +82,8 @@ class ISTA(nn.Module):
     ``alpha``:        as overcomplete, decoding with its own D_1 and a residual,         Z_next = Z' + A_S D_1^T
 
     For column vectors the update reads A + eta D^T (Y - D A) - eta lambda, as in CRATE.md.
-    The sparse code A_S is exposed at ``hook_code``.
+    The sparse code A_S is exposed at ``hook_code`` (B, T, m); ``hook_out`` is what the step adds
+    to the stream ('alpha': A_S D_1^T) or puts in it ('crate': A_S, 'overcomplete': A_S D^T).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -81,6 +98,7 @@ class ISTA(nn.Module):
         self.dict_out = nn.Parameter(torch.empty(d, m)) if cfg.ista == "alpha" else None  # D_1
         self.drop = nn.Dropout(cfg.dropout) if cfg.ista == "alpha" else nn.Identity()
         self.hook_code = HookPoint()  # (B, T, m): the nonnegative sparse code
+        self.hook_out = HookPoint()  # (B, T, d): the update ('alpha') or the new stream ('crate', 'overcomplete')
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,14 +122,14 @@ class ISTA(nn.Module):
             a = y
             for _ in range(self.steps):
                 a = self._step(a, y, dictionary, eta_dictionary)
-            return self.hook_code(a.view(shape))
+            return self.hook_out(self.hook_code(a.view(shape)))
         a = F.relu(torch.addmm(y.new_full((1,), -self.eta * self.lam), y, eta_dictionary))  # from A_0 = 0
         for _ in range(self.steps - 1):
             a = self._step(a, y, dictionary, eta_dictionary)
         code = self.hook_code(a.view(*shape[:-1], -1))
         if self.variant == "overcomplete":
-            return code @ dictionary.t()
-        return z + self.drop(code @ self.dict_out.t())
+            return self.hook_out(code @ dictionary.t())
+        return z + self.hook_out(self.drop(code @ self.dict_out.t()))
 
 
 class CrateBlock(nn.Module):
@@ -119,10 +137,11 @@ class CrateBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn = MSSA(cfg)
-        self.ista = ISTA(cfg)
+        # registered in forward order, so the hook names list in that order
         self.hook_resid_pre = HookPoint()
+        self.attn = MSSA(cfg)
         self.hook_resid_mid = HookPoint()
+        self.ista = ISTA(cfg)
         self.hook_resid_post = HookPoint()
 
     def forward(self, z: Tensor, mask: AttentionMask, cache=None, layer: int = 0) -> Tensor:
@@ -138,8 +157,12 @@ class LMOutput:
     loss: Tensor | None = None
 
 
-class CrateLMBase(nn.Module):
-    """Token + learned position embeddings, L blocks, final LayerNorm. Subclasses add a head."""
+class CrateLMBase(HookedModelMixin, nn.Module):
+    """Token + learned position embeddings, L blocks, final LayerNorm. Subclasses add a head.
+
+    Hook points (``hook_names()``, ``run_with_cache``, ``run_with_hooks``: see ``hooks.py``):
+    ``hook_embed``, ``blocks.i.*``, ``hook_final`` (after ``ln_f``), ``hook_logits``.
+    """
 
     causal: bool = True
 
@@ -152,10 +175,12 @@ class CrateLMBase(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        self.hook_embed = HookPoint()  # registered in forward order (HookPoints hold no parameters)
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.hook_embed = HookPoint()
         self.hook_final = HookPoint()
+        self.hook_logits = HookPoint()
+        self.setup_hooks()
 
     def init_weights(self) -> None:
         """N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2L)) for output projections, zero biases;
@@ -248,7 +273,7 @@ class CrateForCausalLM(CrateLMBase):
             document_ids=document_ids,
             cache=cache,
         )
-        logits = F.linear(h, self.tok_emb.weight)
+        logits = self.hook_logits(F.linear(h, self.tok_emb.weight))
         return LMOutput(logits, self._loss(logits, labels) if labels is not None else None)
 
 
@@ -286,5 +311,5 @@ class CrateForMaskedLM(CrateLMBase):
         document_ids: Tensor | None = None,
     ) -> LMOutput:
         h = self.encode(input_ids, attention_mask=attention_mask, position_ids=position_ids, document_ids=document_ids)
-        logits = self.mlm_head(h, self.tok_emb.weight)
+        logits = self.hook_logits(self.mlm_head(h, self.tok_emb.weight))
         return LMOutput(logits, self._loss(logits, labels) if labels is not None else None)

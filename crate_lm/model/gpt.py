@@ -2,6 +2,9 @@
 
 Z' = Z + Attn(LN1(Z))     with separate q, k, v projections
 Z  = Z' + MLP(LN2(Z'))    hidden width mlp_mult * d, GELU
+
+Hooks: ``attn.hook_q|hook_k|hook_v`` (B, K, T, p), ``attn.hook_pattern`` (B, K, T, T; only when
+hooked), ``attn.hook_out``, ``mlp.hook_post`` (the GELU neurons, (B, T, mlp_mult d)), ``mlp.hook_out``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crate_lm.config import ModelConfig
-from crate_lm.model.attention import AttentionMask, attend, merge_heads, split_heads
+from crate_lm.model.attention import AttentionMask, attend, attention_pattern, merge_heads, split_heads
 from crate_lm.model.hooks import HookPoint
 
 
@@ -26,14 +29,24 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d, d)
         self.out.is_output_proj = True
         self.drop = nn.Dropout(cfg.dropout)
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_pattern = HookPoint()
         self.hook_out = HookPoint()
 
     def forward(self, z: Tensor, mask: AttentionMask, cache=None, layer: int = 0) -> Tensor:
         q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(self.ln(z)).chunk(3, dim=-1))
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        h = attend(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0, impl=self.attn_impl)
-        return z + self.drop(self.hook_out(self.out(merge_heads(h))))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.hook_pattern.has_hooks:  # the probabilities are wanted: explicit path
+            probs = self.hook_pattern(attention_pattern(q, k, mask))
+            h = (F.dropout(probs, p=dropout_p) if dropout_p else probs) @ v
+        else:
+            h = attend(q, k, v, mask, dropout_p=dropout_p, impl=self.attn_impl)
+        return z + self.hook_out(self.drop(self.out(merge_heads(h))))
 
 
 class MLP(nn.Module):
@@ -44,19 +57,21 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_mult * cfg.d_model, cfg.d_model)
         self.proj.is_output_proj = True
         self.drop = nn.Dropout(cfg.dropout)
-        self.hook_hidden = HookPoint()
+        self.hook_post = HookPoint()  # (B, T, mlp_mult d): the GELU hidden neurons
+        self.hook_out = HookPoint()  # (B, T, d): what the MLP adds to the stream
 
     def forward(self, z: Tensor) -> Tensor:
-        return z + self.drop(self.proj(self.hook_hidden(F.gelu(self.fc(self.ln(z))))))
+        return z + self.hook_out(self.drop(self.proj(self.hook_post(F.gelu(self.fc(self.ln(z)))))))
 
 
 class GPTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn = SelfAttention(cfg)
-        self.mlp = MLP(cfg)
+        # registered in forward order, so the hook names list in that order
         self.hook_resid_pre = HookPoint()
+        self.attn = SelfAttention(cfg)
         self.hook_resid_mid = HookPoint()
+        self.mlp = MLP(cfg)
         self.hook_resid_post = HookPoint()
 
     def forward(self, z: Tensor, mask: AttentionMask, cache=None, layer: int = 0) -> Tensor:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from crate_lm import checkpoint as ckpt
 from crate_lm.config import ConfigError, RunConfig, to_dict
-from crate_lm.data import DataError
+from crate_lm.data import DataError, Tokenizer
 
 # where the run folder moved, or how it is resumed, is no change of the run
 _NOT_SETTINGS = ("train.out_dir", "checkpoint.resume")
@@ -124,8 +124,9 @@ class Checkpointer:
             torch.manual_seed(self.cfg.train.seed + 1000003 * saved["step"] + self.rank)
 
     # ---- save and prune ----
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
-        folder = ckpt.save_checkpoint(engine, self.root, step, trainer_state, self.cfg)
+    def save(self, engine, step: int, trainer_state: dict, tokenizer: Tokenizer | None = None) -> Path:
+        """Save (a collective), the run's ``tokenizer`` into the checkpoint too, then prune."""
+        folder = ckpt.save_checkpoint(engine, self.root, step, trainer_state, self.cfg, tokenizer)
         if self.rank == 0:
             self.prune()
         dist.barrier()

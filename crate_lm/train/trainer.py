@@ -348,7 +348,7 @@ class Trainer:
             "sound": self.health.sound,
             "health": self.health.state_dict(),
         }
-        folder = self.checkpointer.save(self.engine, self.state.step, trainer_state)
+        folder = self.checkpointer.save(self.engine, self.state.step, trainer_state, self.tokenizer)
         self.emit({"step": self.state.step, "event": "checkpoint", "path": str(folder), "sound": self.health.sound})
         return folder
 
