@@ -638,15 +638,15 @@ def _search_bases(folder: Path) -> list[Path]:
     return list(dict.fromkeys(bases))
 
 
-def resolve_run_data(folder: Path, cfg: RunConfig) -> Path:
-    """The run's first prepared data folder (``data.path[0]``), as written or under one of
-    ``_search_bases``; a one-line CheckpointError when it is nowhere to be found."""
-    raw = Path(cfg.data.path[0]).expanduser()
+def resolve_run_data(folder: Path, written: str) -> Path:
+    """A run's prepared data folder (as its config wrote it: ``data.path[0]``), as written or
+    under one of ``_search_bases``; a one-line CheckpointError when it is nowhere to be found."""
+    raw = Path(written).expanduser()
     for root in [raw] if raw.is_absolute() else [base / raw for base in _search_bases(Path(folder))]:
         if (root / "meta.json").is_file():
             return root
     raise CheckpointError(
-        f"the run's data ({raw}) is not found from here or above {folder}; pass --data SHARDS_OR_TEXT"
+        f"the run's data ({raw}) is found neither from here nor above {folder}; pass --data SHARDS_OR_TEXT"
     )
 
 

@@ -159,6 +159,36 @@ class CrateLM:
         report = whitebox(run, data=data, tokens=tokens, compare_init=compare_init, out=out, device=device)
         _print_whitebox(report)
 
+    @fire.decorators.SetParseFns(run=str, data=str, out=str, hooks=str, split=str, dtype=str, sparse=str)
+    def extract(
+        self,
+        run: str,
+        data: str | None = None,
+        hooks: str = "blocks.*.ista.hook_code",
+        tokens: int = 100_000,
+        out: str | None = None,
+        split: str = "validation",
+        batch_size: int = 8,
+        seq_len: int | None = None,
+        dtype: str = "float16",
+        device: str = "cpu",
+        sparse: str = "*.ista.hook_code",
+    ) -> None:
+        """Stream held-out tokens through the model and write the activations at --hooks (glob
+        patterns, comma-separated) to --out (default <checkpoint>/activations) in chunks: ISTA
+        codes sparse (CSR), other hook points dense in --dtype, with every token's id, document
+        and position. --data takes prepared shards (--split) or a text file; default: the run's
+        own data. Interrupted runs never look complete and rerunning finishes them; under torchrun
+        each process writes its own part. Read with crate_lm.interp.store.ActivationStore.
+
+        Example: crate-lm extract runs/default --hooks 'blocks.*.ista.hook_code' --tokens 100000 --out acts/
+        """
+        from crate_lm.interp.extract import extract
+
+        _require_folder(run)
+        extract(run, data=data, hooks=hooks, tokens=tokens, out=out, split=split, batch_size=batch_size,
+                seq_len=seq_len, dtype=dtype, device=device, sparse=sparse)  # fmt: skip
+
 
 def _require_folder(run: str) -> None:
     path = Path(run)

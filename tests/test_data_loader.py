@@ -291,7 +291,8 @@ def test_reset_at_documents(prepared, seq_len):
         span = np.arange(i * seq_len, (i + 1) * seq_len)
         assert set(sample) == {"input_ids", "labels", "position_ids", "document_ids"}
         assert np.array_equal(sample["input_ids"], stream[span])
-        assert np.array_equal(sample["position_ids"], span - doc_start[span])
+        assert np.array_equal(sample["position_ids"], span - np.maximum(doc_start[span], span[0]))
+        assert sample["position_ids"].max() < seq_len, "never past the model's positions"
         assert np.array_equal(sample["document_ids"], doc_of[span] - doc_of[span[0]])
         assert sample["document_ids"][0] == 0
         steps = np.diff(sample["document_ids"])
@@ -353,7 +354,7 @@ def test_reset_at_documents_reads_the_index_memory_mapped(tmp_path):
     for i, sample in zip(picks, samples):
         span = np.arange(i * seq_len, (i + 1) * seq_len + 1)
         doc = np.searchsorted(starts, span, side="right") - 1
-        assert np.array_equal(sample["position_ids"], span[:-1] - starts[doc[:-1]])
+        assert np.array_equal(sample["position_ids"], span[:-1] - np.maximum(starts[doc[:-1]], span[0]))
         assert np.array_equal(sample["document_ids"], doc[:-1] - doc[0])
         assert np.array_equal(sample["labels"], np.where(doc[1:] != doc[:-1], IGNORE, span[1:] % 512))
     assert samples[2]["document_ids"][-1] > 0  # the boundary sample spans documents of two shards

@@ -28,7 +28,8 @@ class PackedTokenDataset:
 
     Sample i holds tokens [i T, i T + T] (T = seq_len): ``input_ids`` the first T, ``labels``
     the last T (next-token targets). With ``reset_at_documents`` each sample also carries
-    ``position_ids`` that restart at every document and ``document_ids`` that the models turn
+    ``position_ids`` that restart at every document (and at the sample's start, so a document
+    longer than a sample never runs past the model's positions) and ``document_ids`` that the models turn
     into a block-diagonal attention mask; targets that cross into the next document are -100.
     Document bounds come from the memory-mapped indexes, so memory does not grow with the corpus.
     """
@@ -55,7 +56,8 @@ class PackedTokenDataset:
         sample = {"input_ids": tokens[:-1], "labels": tokens[1:].copy()}
         if self.reset_at_documents:
             doc, doc_start = self.shards.document_bounds(start, self.seq_len + 1)
-            sample["position_ids"] = np.arange(start, start + self.seq_len) - doc_start[:-1]
+            # positions restart at each document and at the sample's start (the model sees no further back)
+            sample["position_ids"] = np.arange(start, start + self.seq_len) - np.maximum(doc_start[:-1], start)
             sample["document_ids"] = doc[:-1] - doc[0]
             sample["labels"][doc[1:] != doc[:-1]] = IGNORE_INDEX
         return sample

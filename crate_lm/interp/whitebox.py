@@ -147,7 +147,7 @@ def heldout_batches(loaded, data: str | None, tokens: int, batch_size: int = 8, 
             raise CrateLMError(f"{path} holds {len(ids)} tokens, fewer than one sequence of {seq}")
         rows = ids[: n * seq].view(n, seq)
     else:
-        root = path if path is not None else resolve_run_data(Path(loaded.path), cfg)
+        root = path if path is not None else resolve_run_data(Path(loaded.path), cfg.data.path[0])
         shards = TokenShards(root, "validation", tokenizer_fingerprint=loaded.tokenizer.fingerprint)
         dataset = PackedTokenDataset(shards, seq)
         n = min(len(dataset), max(1, tokens // seq))
@@ -194,6 +194,7 @@ def plot(report: dict, out_png: Path) -> None:
                     ax.fill_between(xs, lo, hi, alpha=0.15)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("layer")
+        ax.set_xticks([r["layer"] for r in report["trained"]])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(report["title"], fontsize=10)
