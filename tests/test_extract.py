@@ -585,3 +585,24 @@ def test_store_refuses_a_folder_without_manifest(tmp_path: Path) -> None:
         with pytest.raises(StoreError) as err:
             ActivationStore(folder)
         assert "\n" not in str(err.value) and "not a complete activation store" in str(err.value)
+
+
+def test_extract_command_from_another_directory_and_its_errors(setup: Setup, tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "crate_lm.cli", "extract", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "acts"
+    proc = cli(str(setup.checkpoint), "--data", str(setup.shards), "--tokens", "512", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "extract: " in proc.stdout and (out / MANIFEST).is_file()
+    for args, message in [
+        (["/nowhere"], "no such run"),
+        ([str(setup.checkpoint), "--hooks", "blocks.*.isat", "--out", str(tmp_path / "x")], "matches no hook point"),
+        ([str(setup.checkpoint), "--data", str(setup.shards), "--tokens", "1024", "--out", str(out)], "other settings"),
+    ]:
+        proc = cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], errors
+    assert not (tmp_path / "x").exists(), "nothing written for a refused command"
