@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import crate_lm.model.crate as crate_module
 from crate_lm.model import ActivationCache, HookPoint, build_model, generate
 from crate_lm.model.attention import build_attention_mask
 from tests.conftest import VARIANTS, small_config
@@ -210,7 +209,7 @@ def test_pattern_is_the_masked_softmax_and_does_not_change_logits(arch, ista, ta
 
 @pytest.mark.parametrize("arch,ista", [("crate", "alpha"), ("gpt", "alpha")])
 def test_pattern_is_computed_only_when_hooked(arch, ista, monkeypatch):
-    import crate_lm.model.gpt as gpt_module
+    import crate_lm.model.attention as attention_module
 
     calls = []
 
@@ -218,9 +217,8 @@ def test_pattern_is_computed_only_when_hooked(arch, ista, monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    real = crate_module.attention_pattern
-    monkeypatch.setattr(crate_module, "attention_pattern", counting)
-    monkeypatch.setattr(gpt_module, "attention_pattern", counting)
+    real = attention_module.attention_pattern
+    monkeypatch.setattr(attention_module, "attention_pattern", counting)
     model = make(arch, ista)
     model.run_with_cache(tokens(), names_filter=lambda n: "pattern" not in n)
     assert calls == []

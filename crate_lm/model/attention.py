@@ -99,6 +99,17 @@ def attention_pattern(q: Tensor, k: Tensor, mask: AttentionMask) -> Tensor:
     return probs.to(q.dtype)
 
 
+def attend_or_expose(
+    q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, hook_pattern, dropout_p: float, impl: str
+) -> Tensor:
+    """``attend``, or, when something hooks ``hook_pattern``, the explicit path that computes the
+    attention probabilities and passes them through it (the same result; SDPA never forms them)."""
+    if hook_pattern.has_hooks:
+        probs = hook_pattern(attention_pattern(q, k, mask))
+        return (F.dropout(probs, p=dropout_p) if dropout_p else probs) @ v
+    return attend(q, k, v, mask, dropout_p=dropout_p, impl=impl)
+
+
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
     """(B, T, K p) -> (B, K, T, p)."""
     b, t, _ = x.shape

@@ -23,8 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from crate_lm.config import ModelConfig
 from crate_lm.model.attention import (
     AttentionMask,
-    attend,
-    attention_pattern,
+    attend_or_expose,
     build_attention_mask,
     merge_heads,
     split_heads,
@@ -66,11 +65,7 @@ class MSSA(nn.Module):
         q = self.hook_q(split_heads(self.proj_u(y), self.n_heads))
         kv = cache.update(layer, q)[0] if cache is not None else q  # q = k = v: one cached tensor
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.hook_pattern.has_hooks:  # the probabilities are wanted: explicit path
-            probs = self.hook_pattern(attention_pattern(q, kv, mask))
-            h = (F.dropout(probs, p=dropout_p) if dropout_p else probs) @ kv
-        else:
-            h = attend(q, kv, kv, mask, dropout_p=dropout_p, impl=self.attn_impl)
+        h = attend_or_expose(q, kv, kv, mask, self.hook_pattern, dropout_p, self.attn_impl)
         return z + self.hook_out(self.drop(self.out(merge_heads(h))))
 
 

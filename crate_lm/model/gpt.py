@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crate_lm.config import ModelConfig
-from crate_lm.model.attention import AttentionMask, attend, attention_pattern, merge_heads, split_heads
+from crate_lm.model.attention import AttentionMask, attend_or_expose, merge_heads, split_heads
 from crate_lm.model.hooks import HookPoint
 
 
@@ -41,11 +41,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.hook_pattern.has_hooks:  # the probabilities are wanted: explicit path
-            probs = self.hook_pattern(attention_pattern(q, k, mask))
-            h = (F.dropout(probs, p=dropout_p) if dropout_p else probs) @ v
-        else:
-            h = attend(q, k, v, mask, dropout_p=dropout_p, impl=self.attn_impl)
+        h = attend_or_expose(q, k, v, mask, self.hook_pattern, dropout_p, self.attn_impl)
         return z + self.hook_out(self.drop(self.out(merge_heads(h))))
 
 
