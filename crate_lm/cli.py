@@ -214,8 +214,40 @@ def _print_whitebox(report: dict) -> None:
     print(f"whitebox: {len(rows)} layers on {report['tokens']:,} held-out tokens -> {report['out']}")
 
 
+def _check_arguments(argv: list[str]) -> None:
+    """Unknown commands and options as one-line errors (fire would print its usage page)."""
+    import difflib
+    import inspect
+
+    commands = sorted(n for n in dir(CrateLM) if not n.startswith("_"))
+    if not argv or argv[0].startswith("-"):
+        return
+    command = argv[0]
+    if command not in commands:
+        close = difflib.get_close_matches(command, commands, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise CrateLMError(f"unknown command {command!r}{hint}; commands: {', '.join(commands)}")
+    params = inspect.signature(getattr(CrateLM, command)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    options = [n for n in params if n != "self"]
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name not in options and name not in ("help", "h"):
+                close = difflib.get_close_matches(name, options, n=1)
+                hint = f" (did you mean --{close[0]}?)" if close else ""
+                raise CrateLMError(
+                    f"unknown option --{name} for crate-lm {command}{hint}; options: "
+                    + ", ".join(f"--{o}" for o in options)
+                )
+
+
 def _fire() -> int:
-    fire.Fire(CrateLM, name="crate-lm")
+    _check_arguments(sys.argv[1:])
+    fire.Fire(CrateLM(), name="crate-lm")
     return 0
 
 

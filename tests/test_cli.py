@@ -215,3 +215,22 @@ def test_bad_sampling_arguments(trained: Trained, args: list[str], name: str) ->
 )
 def test_size_user_errors(args: list[str], needle: str) -> None:
     assert needle in error_line(cli("size", *args))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generat", "runs/x"], "unknown command 'generat' (did you mean generate?)"),
+        (["generate", "runs/x", "--promt", "hi"], "unknown option --promt for crate-lm generate (did you mean --prompt?)"),
+        (["whitebox", "runs/x", "--compare-int"], "unknown option --compare_int"),
+    ],
+)
+def test_unknown_commands_and_options_are_one_line(args, message):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert message in error_line(proc)
+
+
+def test_help_still_works():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "generate" in proc.stdout + proc.stderr
