@@ -420,11 +420,6 @@ def load_rng(folder: Path, rank: int) -> dict | None:
     return safe_torch_load(path) if path.is_file() else None
 
 
-def _join_unpadded(parts: list[torch.Tensor], paddings: list[int]) -> torch.Tensor:
-    """The flat vector that per-rank slices (each padded by ``paddings[r]`` at its tail) cut up."""
-    return torch.cat([t.reshape(-1)[: t.numel() - pad] for t, pad in zip(parts, paddings)])
-
-
 def _overlaps(lengths: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
     """Where [start, stop) of the vector that slices of ``lengths`` make end to end comes from:
     ``(old rank, from, to, at)`` copies that slice's [from, to) to ``at`` in the new slice."""
