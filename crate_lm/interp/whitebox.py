@@ -129,31 +129,17 @@ def measure(model, batches, eps2: float = EPS2) -> list[dict]:
 
 
 def heldout_batches(loaded, data: str | None, tokens: int, batch_size: int = 8, seq_len: int | None = None):
-    """Batches of held-out sequences: the validation split of prepared shards (default: the
-    run's own data), or a text file's lines packed into sequences."""
-    from crate_lm.checkpoint import resolve_run_data
-    from crate_lm.data import PackedTokenDataset, TokenShards
+    """Batches of held-out sequences, chosen as ``crate-lm extract`` chooses them: the validation
+    split of prepared shards (default: the run's own data), or a text file's lines packed into
+    sequences."""
+    from crate_lm.interp.extract import open_sequences
 
     cfg = loaded.cfg
     seq = min(seq_len or cfg.data.seq_len or cfg.model.max_seq_len, cfg.model.max_seq_len)
     device = next(loaded.model.parameters()).device
-    path = Path(data) if data is not None else None
-    if path is not None and path.is_file():
-        ids = torch.tensor(loaded.tokenizer.encode(path.read_text()), dtype=torch.long)
-        n = min(len(ids) // seq, max(1, tokens // seq))
-        if n < 1:
-            from crate_lm.errors import CrateLMError
-
-            raise CrateLMError(f"{path} holds {len(ids)} tokens, fewer than one sequence of {seq}")
-        rows = ids[: n * seq].view(n, seq)
-    else:
-        root = path if path is not None else resolve_run_data(Path(loaded.path), cfg.data.path[0])
-        shards = TokenShards(root, "validation", tokenizer_fingerprint=loaded.tokenizer.fingerprint)
-        dataset = PackedTokenDataset(shards, seq)
-        n = min(len(dataset), max(1, tokens // seq))
-        rows = torch.stack([torch.from_numpy(dataset[i]["input_ids"]) for i in range(n)])
+    rows = [torch.from_numpy(ids) for _, ids, _, _ in open_sequences(loaded, data, "validation", seq, tokens).iter()]
     for start in range(0, len(rows), batch_size):
-        yield rows[start : start + batch_size].to(device), None
+        yield torch.stack(rows[start : start + batch_size]).to(device=device, dtype=torch.long), None
 
 
 def initial_model(loaded):
