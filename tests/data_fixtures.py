@@ -184,3 +184,24 @@ def write_token_shards(root: Path, shard_doc_lengths: list[np.ndarray], *, vocab
     }
     (root / "meta.json").write_text(json.dumps(meta))
     return root
+
+
+def write_checkpoint(folder: Path, cfg, model, *, tokenizer=None, fingerprint: str | None = None, step: int = 1) -> Path:
+    """A checkpoint folder in the trainer's layout, written by hand (no DeepSpeed): weights,
+    config.yaml, trainer_state.json, the tokenizer (when given) and the COMPLETE marker."""
+    from safetensors.torch import save_file
+
+    from crate_lm.checkpoint import write_tokenizer
+    from crate_lm.config import dump_run_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.yaml").write_text(dump_run_config(cfg))
+    fingerprint = fingerprint or tokenizer.fingerprint
+    (folder / "trainer_state.json").write_text(json.dumps({"tokenizer_fingerprint": fingerprint, "step": step}))
+    if tokenizer is not None:
+        write_tokenizer(folder, tokenizer)
+    (folder / "COMPLETE").write_text("")
+    return folder

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from crate_lm.cli import unescape_prompt
-from crate_lm.config import RunConfig, dump_run_config, run_config_from_dict
+from crate_lm.config import RunConfig, run_config_from_dict
 from crate_lm.data import SourceSpec, Tokenizer, prepare_corpus, train_tokenizer
+from tests import data_fixtures
 from tests.data_fixtures import make_documents, write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,20 +45,11 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 def write_checkpoint(run: Path, cfg: RunConfig, fingerprint: str, *, weights_cfg: RunConfig | None = None) -> Path:
     """``run/checkpoints/step_00000001`` in the layout ``checkpoint.load_model`` reads."""
-    from safetensors.torch import save_file
-
     from crate_lm.model import build_model
 
-    folder = run / "checkpoints" / "step_00000001"
-    folder.mkdir(parents=True)
     torch.manual_seed(0)
     model = build_model((weights_cfg or cfg).model)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.yaml").write_text(dump_run_config(cfg))
-    (folder / "trainer_state.json").write_text(f'{{"tokenizer_fingerprint": "{fingerprint}", "step": 1}}')
-    (folder / "COMPLETE").write_text("")
-    return folder
+    return data_fixtures.write_checkpoint(run / "checkpoints" / "step_00000001", cfg, model, fingerprint=fingerprint)
 
 
 def run_config(shards: Path, vocab_size: int, **model: object) -> RunConfig:

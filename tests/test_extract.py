@@ -23,14 +23,14 @@ import torch
 from safetensors.torch import save_file
 
 import crate_lm.interp.extract as extract_module
-from crate_lm.checkpoint import load, resolve_run_data, write_tokenizer
+from crate_lm.checkpoint import load, resolve_run_data
 from crate_lm.config import dump_run_config, run_config_from_dict
 from crate_lm.data import PackedTokenDataset, SourceSpec, TokenShards, prepare_corpus, train_tokenizer
 from crate_lm.errors import CrateLMError
 from crate_lm.interp.extract import ExtractError, extract, select_hooks, stop_layer
 from crate_lm.interp.store import MANIFEST, ActivationStore, PartWriter, StoreError
 from crate_lm.model import build_model
-from tests.data_fixtures import make_documents, write_lines
+from tests.data_fixtures import make_documents, write_checkpoint, write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -72,16 +72,9 @@ def setup(tmp_path_factory) -> Setup:
             "data": {"path": [str(root / "shards")], "num_workers": 0},
         }
     )
-    folder = root / "run" / "checkpoints" / "step_00000001"
-    folder.mkdir(parents=True)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
-    (folder / "config.yaml").write_text(dump_run_config(cfg))
-    (folder / "trainer_state.json").write_text(json.dumps({"tokenizer_fingerprint": tokenizer.fingerprint, "step": 1}))
-    write_tokenizer(folder, tokenizer)
-    (folder / "COMPLETE").write_text("")
+    folder = write_checkpoint(root / "run" / "checkpoints" / "step_00000001", cfg, build_model(cfg.model),
+                              tokenizer=tokenizer)  # fmt: skip
     return Setup(root, folder, root / "shards", root / "corpus.txt")
 
 

@@ -72,10 +72,8 @@ import yaml  # noqa: E402
 def trained_run(tmp_path_factory) -> Path:
     """A tiny CRATE-alpha trained for 150 plain AdamW steps on a small corpus, saved as a
     checkpoint folder the way the trainer lays it out (with its tokenizer inside)."""
-    from safetensors.torch import save_file
 
-    from crate_lm.checkpoint import write_tokenizer
-    from crate_lm.config import dump_run_config, load_run_config
+    from crate_lm.config import load_run_config
     from crate_lm.data import (
         PackedTokenDataset,
         SourceSpec,
@@ -85,7 +83,7 @@ def trained_run(tmp_path_factory) -> Path:
         train_tokenizer,
     )
     from crate_lm.model import build_model
-    from tests.data_fixtures import make_documents, write_lines
+    from tests.data_fixtures import make_documents, write_checkpoint, write_lines
 
     root = tmp_path_factory.mktemp("whitebox")
     docs = make_documents(1500, seed=5)
@@ -111,13 +109,7 @@ def trained_run(tmp_path_factory) -> Path:
         model(x, y).loss.backward()
         opt.step()
         opt.zero_grad()
-    folder = root / "run" / "checkpoints" / "step_00000150"
-    folder.mkdir(parents=True)
-    save_file(model.state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.yaml").write_text(dump_run_config(cfg))
-    (folder / "trainer_state.json").write_text(json.dumps({"step": 150, "tokenizer_fingerprint": tokenizer.fingerprint}))
-    write_tokenizer(folder, tokenizer)
-    (folder / "COMPLETE").write_text("")
+    write_checkpoint(root / "run" / "checkpoints" / "step_00000150", cfg, model, tokenizer=tokenizer, step=150)
     return root / "run"
 
 
