@@ -436,3 +436,34 @@ def test_a_trained_run_carries_its_tokenizer_and_generates_after_a_move(single: 
         os.chdir(before)
     assert lm.path == moved / "checkpoints" / folders[-1].name
     assert lm.tokenizer.path == lm.path / "tokenizer" / "tokenizer.json"  # the copy's own, not the data's
+
+
+@pytest.mark.slow
+def test_features_and_probe_work_on_a_moved_trained_run_from_another_directory(single: Path, corpus: Path,  # noqa: F811
+                                                                               tmp_path: Path) -> None:
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(single, moved)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    text = corpus.parent / "corpus.txt"
+    proc = cli("features", str(moved), "--layer", "1", "--data", str(text), "--tokens", "2000", "--cards", "2",
+               "--out", "feat", cwd=cwd)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("features: 1 hook x 128 units on 2,048 tokens")
+    report = json.loads((cwd / "feat" / "features.json").read_text())
+    assert report["hooks"] == ["blocks.1.ista.hook_code"] and len(report["per_hook"]["blocks.1.ista.hook_code"]["cards"]) == 2
+    assert (cwd / "feat" / "report.md").read_text().count("### unit ") == 2 and (cwd / "feat" / "density.png").is_file()
+    proc = cli("probe", str(moved), "--label", "capitalized", "--data", str(text), "--tokens", "3000", "--ks", "1,2",
+               "--out", "probe", cwd=cwd)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("probe: capitalized on ")
+    report = json.loads((cwd / "probe" / "probe.json").read_text())
+    entry = report["runs"][0]["labels"]["capitalized"]["layers"]["1"]["code"]
+    assert set(entry["k"]) == {"1", "2"} and 0.0 <= entry["k"]["1"]["f1"] <= 1.0
+    assert (cwd / "probe" / "probe_capitalized.png").is_file()
+    proc = cli("probe", str(moved), "--label", "no_such_label", cwd=cwd)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "line_start" in lines[0]
+    proc = cli("features", str(moved), "--layer", "7", cwd=cwd)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--layer" in lines[0], proc.stderr[-2000:]

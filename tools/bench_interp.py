@@ -21,6 +21,13 @@ names_filter=[], stop_at_layer=L)``: what extraction computes, since it never ne
 norm and the output head); the median wall-clock tokens/s of each are compared, target:
 extraction >= 0.8 x the plain forward. Peak memory: the peak RSS (``VmHWM``) of a fresh subprocess extracting 20,000 and
 100,000 tokens (target: flat, since memory is bounded by one batch plus two chunks whatever N is).
+
+Feature statistics (skip with ``--no-features``): the same kind of checkpoint; every block's ISTA
+code is extracted once (``--feature_tokens``, CSR), then rounds time
+``crate_lm.interp.features.FeatureStats`` streaming over the stored codes of all layers (reading
+the chunks and densifying them included): tokens/s, and unit-activations/s (tokens x layers x m).
+Memory: the peak RSS of a fresh process running ``features(..., store=...)`` (statistics, cards,
+report) over stores of 20,000 and 100,000 tokens (target: flat).
 """
 
 from __future__ import annotations
@@ -269,6 +276,90 @@ def bench_extraction(args: argparse.Namespace) -> dict[str, float]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+FEATURES_RSS_SCRIPT = """
+import json, sys
+from crate_lm.interp.features import features
+report = features(sys.argv[1], store=sys.argv[2], tokens=int(sys.argv[3]), out=sys.argv[4], show_progress=False,
+                  quiet=True)
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"tokens": report["tokens"], "peak_kb": peak_kb}))
+"""
+
+
+def features_peak_rss_mb(checkpoint: Path, store: Path, tokens: int, out: Path) -> tuple[int, float]:
+    """Tokens analysed and peak RSS (MB) of a fresh process running features() over a store."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", FEATURES_RSS_SCRIPT, str(checkpoint), str(store), str(tokens),
+                           str(out)], capture_output=True, text=True, env=env, cwd=repo, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the feature-statistics subprocess failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return int(result["tokens"]), result["peak_kb"] / 1024
+
+
+def bench_features(args: argparse.Namespace) -> dict:
+    """Tokens/s of FeatureStats over extracted codes (all layers), and peak RSS of features() at two N."""
+    from crate_lm.interp.extract import extract
+    from crate_lm.interp.features import FeatureStats
+    from crate_lm.interp.store import ActivationStore
+
+    root = Path(tempfile.mkdtemp(prefix="bench_features-"))
+    try:
+        with silenced():
+            checkpoint, _ = write_checkpoint(root, args.preset, args.ista, args.extract_docs)
+        sizes = sorted({args.feature_tokens, *args.memory_tokens})
+        stores = {}
+        for n in sizes:
+            stores[n] = root / f"store-{n}"
+            extract(str(checkpoint), tokens=n, out=str(stores[n]), batch_size=args.batch, device=args.device,
+                    show_progress=False, quiet=True)  # fmt: skip
+        store = ActivationStore(stores[args.feature_tokens])
+        hooks = store.hooks
+        width = int(store.layout(hooks[0])["shape"][0])
+        mean_l0 = sum(store.layout(h)["nnz"] for h in hooks) / len(hooks) / store.num_tokens
+
+        def run_stats() -> None:
+            stats = {h: FeatureStats(width, device=args.device) for h in hooks}
+            at = 0
+            for chunk in store.iter_chunks(hooks, format="torch"):
+                n = len(chunk["tokens"])
+                rows = torch.arange(at, at + n)
+                for h in hooks:
+                    stats[h].update(chunk[h].to_dense().to(args.device), rows)
+                at += n
+            sync(args.device)
+
+        seconds = [timed(run_stats, args.device) for _ in range(1 + args.feature_rounds)][1:]
+        median = statistics.median(seconds)
+        result = {"tokens": store.num_tokens, "hooks": len(hooks), "width": width, "mean_l0": mean_l0,
+                  "seconds": seconds, "tps": store.num_tokens / median,
+                  "unit_tps": store.num_tokens * len(hooks) * width / median}  # fmt: skip
+        for n in args.memory_tokens:
+            analysed, mb = features_peak_rss_mb(checkpoint, stores[n], n, root / f"report-{n}")
+            result[f"peak_mb_{n}"], result[f"peak_tokens_{n}"] = mb, analysed
+        return result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def report_features(args: argparse.Namespace, result: dict) -> None:
+    print(f"feature statistics: {result['hooks']} hooks x {result['width']} atoms (random init, mean L0 "
+          f"{result['mean_l0']:.0f}) over {result['tokens']:,} extracted tokens")  # fmt: skip
+    print(f"{'FeatureStats over the store (all layers)':48} {result['tps']:10,.0f} tokens/s (median of "
+          f"{args.feature_rounds}; rounds {', '.join(f'{s:.2f}' for s in result['seconds'])} s; "
+          f"{result['unit_tps'] / 1e6:,.1f} M unit-activations/s)")  # fmt: skip
+    for n in args.memory_tokens:
+        print(f"{f'peak RSS, features --tokens {n:,}':48} {result[f'peak_mb_{n}']:10,.1f} MB "
+              f"({result[f'peak_tokens_{n}']:,} tokens analysed, fresh process)")  # fmt: skip
+    lo, hi = args.memory_tokens[0], args.memory_tokens[-1]
+    growth = result[f"peak_mb_{hi}"] / result[f"peak_mb_{lo}"] - 1.0
+    flat = "flat" if abs(growth) <= 0.10 else "NOT FLAT"
+    print(f"summary: feature statistics {result['tps']:,.0f} tokens/s over extracted codes; peak RSS "
+          f"{result[f'peak_mb_{lo}']:,.0f} MB at {lo:,} tokens, {result[f'peak_mb_{hi}']:,.0f} MB at {hi:,} "
+          f"({growth:+.1%}; target: flat: {flat})")  # fmt: skip
+
+
 def report_extraction(args: argparse.Namespace, result: dict) -> None:
     print(f"{'plain forward (no_grad)':48} {result['plain_tps']:10,.0f} tokens/s (median of {args.extract_rounds}; "
           f"rounds {', '.join(f'{s:.2f}' for s in result['plain_s'])} s)")  # fmt: skip
@@ -313,6 +404,9 @@ def main() -> None:
     parser.add_argument("--extract_rounds", type=int, default=7)
     parser.add_argument("--extract_docs", type=int, default=5000, help="documents of the generated corpus")
     parser.add_argument("--memory_tokens", type=int, nargs=2, default=[20_000, 100_000])
+    parser.add_argument("--no-features", dest="features", action="store_false", help="skip the feature statistics")
+    parser.add_argument("--feature_tokens", type=int, default=100_000, help="extracted tokens the statistics stream")
+    parser.add_argument("--feature_rounds", type=int, default=3)
     args = parser.parse_args()
     if args.device == "cpu" and not args.default_allocator:
         tune_cpu_allocator()
@@ -332,6 +426,8 @@ def main() -> None:
     )
     if args.extract:
         report_extraction(args, bench_extraction(args))
+    if args.features:
+        report_features(args, bench_features(args))
 
 
 if __name__ == "__main__":
