@@ -9,7 +9,9 @@ A run's ``checkpoints/`` folder holds one folder per saved step::
                                    health (``sound``: saved while the loss and the weights were healthy)
         config.yaml                the effective run config
         model.safetensors          consolidated weights (load with ``load``); its metadata
-                                   records the model config, so the weights know their architecture
+                                   records the model config, so the weights know their architecture.
+                                   Only with ``checkpoint.export_weights`` (default: ZeRO 0-2); without
+                                   it ``load`` reads DeepSpeed's files (``checkpoint_weights``)
         tokenizer/                 the run's tokenizer: tokenizer.json (tokenizers) or tokenizer.model
                                    (sentencepiece), special tokens included, and tokenizer_info.json;
                                    ``load_tokenizer`` on the folder gives the run's fingerprint
@@ -28,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,20 +192,24 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
     buffer = _to_bytes(capture_rng())
     atomic_write_bytes(folder / f"rng_rank{rank:05d}.pt", buffer)
-    state_dict = consolidated_state_dict(engine, cfg)
+    consolidate = writes_weights(cfg)
+    state_dict = consolidated_state_dict(engine, cfg) if consolidate else {}
+    finite, max_abs = (None, None) if consolidate else _weights_health(engine)  # a collective
     dist.barrier()
     if rank == 0:
         from safetensors.torch import save_file
 
-        finite = all(bool(torch.isfinite(v).all()) for v in state_dict.values() if v.is_floating_point())
-        max_abs = max((float(v.abs().max()) for v in state_dict.values() if v.numel() and finite), default=0.0)
+        if consolidate:
+            finite = all(bool(torch.isfinite(v).all()) for v in state_dict.values() if v.is_floating_point())
+            max_abs = max((float(v.abs().max()) for v in state_dict.values() if v.numel() and finite), default=0.0)
         trainer_state = {**trainer_state, "weights_finite": finite, "max_abs_weight": max_abs if finite else None}
         trainer_state["sound"] = bool(trainer_state.get("sound", True) and finite)
-        tmp = folder / ".model.safetensors.tmp"
-        dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-        dtype = dtypes.pop() if len(dtypes) == 1 else None
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=weights_metadata(cfg, dtype))
-        tmp.rename(folder / "model.safetensors")
+        if consolidate:
+            tmp = folder / ".model.safetensors.tmp"
+            dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else None
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=weights_metadata(cfg, dtype))
+            tmp.rename(folder / "model.safetensors")
         atomic_write_bytes(folder / "config.yaml", dump_run_config(cfg).encode())
         atomic_write_json(folder / "trainer_state.json", trainer_state)
         if tokenizer is not None:
@@ -210,6 +217,34 @@ def save_checkpoint(
         atomic_write_bytes(folder / COMPLETE, b"")
     dist.barrier()
     return folder
+
+
+def writes_weights(cfg: RunConfig) -> bool:
+    """Whether checkpoints of ``cfg`` carry model.safetensors (``checkpoint.export_weights``;
+    default: ZeRO 0-2 yes, ZeRO-3 no)."""
+    flag = cfg.checkpoint.export_weights
+    return flag if flag is not None else cfg.deepspeed.zero_stage < 3
+
+
+def _weights_health(engine) -> tuple[bool, float]:
+    """(all weights finite, largest |weight|) over every rank's own share, without gathering
+    (a collective: ZeRO-3 ranks look at their partitions, other stages at the whole module)."""
+    import torch.distributed as dist
+
+    finite, max_abs = True, 0.0
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            local = getattr(param, "ds_tensor", param).detach()
+            if not local.numel() or not local.is_floating_point():
+                continue
+            if not bool(torch.isfinite(local).all()):
+                finite = False
+            else:
+                max_abs = max(max_abs, float(local.abs().max()))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    flags = torch.tensor([0.0 if finite else 1.0, max_abs], dtype=torch.float64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item() == 0.0), float(flags[1].item())
 
 
 def write_tokenizer(folder: str | Path, tokenizer: Tokenizer) -> Path:
@@ -288,11 +323,14 @@ def weights_metadata(cfg: RunConfig, dtype: torch.dtype | None = None) -> dict[s
 
 
 def checkpoint_model_config(folder: Path) -> ModelConfig | None:
-    """The model config recorded inside ``folder/model.safetensors`` (None for files written
-    before it was recorded)."""
+    """The model config recorded inside ``folder/model.safetensors`` (or the first shard of an
+    exported folder; None for files written before it was recorded, or without safetensors)."""
     from safetensors import safe_open
 
-    weights = folder / "model.safetensors"
+    files = weight_files(folder)
+    if not files:
+        return None
+    weights = files[0]
     try:
         with safe_open(str(weights), framework="pt") as f:
             meta = f.metadata() or {}
@@ -316,11 +354,11 @@ def read_checkpoint_config(folder: Path) -> RunConfig:
         cfg = load_run_config(config)
     except ConfigError as err:
         raise CheckpointError(f"{config}: {err}") from None
-    recorded = checkpoint_model_config(folder) if (folder / "model.safetensors").is_file() else None
+    recorded = checkpoint_model_config(folder)
     if recorded is not None and architecture(recorded) != architecture(cfg.model):
         diff = differing(architecture(recorded), architecture(cfg.model), "model")
         raise CheckpointError(
-            f"{config} does not describe the weights in {folder / 'model.safetensors'} ({', '.join(diff)} differ): "
+            f"{config} does not describe the weights in {folder} ({', '.join(diff)} differ): "
             "the config file was replaced; restore the checkpoint's own config.yaml"
         )
     return cfg
@@ -553,28 +591,171 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _check_model_folder(folder: Path) -> None:
-    if not (folder / "model.safetensors").is_file() or not (folder / "config.yaml").is_file():
-        raise CheckpointError(f"{folder} is not a crate_lm checkpoint (needs model.safetensors and config.yaml)")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+
+
+# ---- reading the weights of a checkpoint folder (consolidated, sharded, or DeepSpeed's files) -------
+
+
+def _safetensors_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)  # backed by a memory map of the file
+        except (FileNotFoundError, OSError) as err:
+            raise CheckpointError(f"{path}: cannot be read ({err}); the folder is incomplete") from None
+        except CheckpointError:
+            raise
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt") from None
+
+
+def read_index(folder: Path) -> dict:
+    path = folder / INDEX
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (json.JSONDecodeError, KeyError, AssertionError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a safetensors index ({err}); it is corrupt") from None
+    return index
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding ``folder``'s weights: the shards an index names, or
+    model.safetensors; [] when there are none (a checkpoint holding only DeepSpeed's files)."""
+    if (folder / INDEX).is_file():
+        return [folder / f for f in dict.fromkeys(read_index(folder)["weight_map"].values())]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    return []
+
+
+def has_deepspeed_weights(folder: Path) -> bool:
+    return (folder / "mp_rank_00_model_states.pt").is_file() or any(
+        _ZERO3_MODEL.match(p.name) for p in folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")
+    )
+
+
+def checkpoint_weights(folder: Path, cfg: RunConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight of a checkpoint or exported folder, one at a time, from
+    safetensors (memory-mapped) or, without them, from DeepSpeed's files (see the module doc)."""
+    files = weight_files(folder)
+    if files:
+        return _safetensors_items(files)
+    if any(_ZERO3_MODEL.match(p.name) for p in folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        return zero3_weights(folder, cfg)
+    if (folder / "mp_rank_00_model_states.pt").is_file():
+        return _module_states(folder)
+    raise CheckpointError(
+        f"{folder} holds no weights (no {SINGLE}, no {INDEX}, no DeepSpeed model states); "
+        "pass a checkpoint folder or an exported folder"
+    )
+
+
+def _module_states(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """ZeRO-0/1/2: DeepSpeed saved the whole module (in the dtype it computed with)."""
+    states = safe_torch_load(folder / "mp_rank_00_model_states.pt", mmap=True)
+    module = states.get("module") if isinstance(states, dict) else None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{folder / 'mp_rank_00_model_states.pt'}: holds no module weights")
+    for name, tensor in module.items():
+        yield name, tensor.detach()
+
+
+def zero3_weights(folder: Path, cfg: RunConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full parameters rebuilt from a ZeRO-3 checkpoint's per-rank fp32 partitions.
+
+    Rank r holds, for every parameter of numel n, elements [r c, (r+1) c) of it (c = ceil(n / W),
+    zero-padded at the end), laid end to end over its param groups in the order of
+    ``param_shapes``. The files are memory-mapped and only one parameter is assembled at a time.
+    In a bf16/fp16 run with ``checkpoint.weights: module`` the fp32 masters are cast to the
+    module's dtype: exactly the weights the module computed with (DeepSpeed copies them so)."""
+    def rank_of(p: Path) -> int:
+        return int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1))
+
+    models = sorted((p for p in folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt") if _ZERO3_MODEL.match(p.name)),
+                    key=rank_of)  # fmt: skip
+    optims = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    world = len(models)
+    if len(optims) != world or [rank_of(p) for p in optims] != list(range(world)):
+        raise CheckpointError(
+            f"{folder}: {world} ZeRO-3 model state files but {len(optims)} optimizer state files; "
+            "the checkpoint is incomplete, use another one"
+        )
+    first = safe_torch_load(models[0], mmap=True)
+    shapes = {k: v for group in first["param_shapes"] for k, v in group.items()}  # ordered as partitioned
+    buffers = {k: v for k, v in first.get("module", {}).items() if k in set(first.get("buffer_names") or [])}
+    del first
+    flats = []  # [rank][group] flat fp32 partition (memory-mapped)
+    for path in optims:
+        sd = safe_torch_load(path, mmap=True)["optimizer_state_dict"]
+        groups = sd.get("fp32_flat_groups")
+        if groups is None:
+            raise CheckpointError(f"{path}: no fp32_flat_groups; not a ZeRO-3 optimizer state file")
+        flats.append(list(groups))
+    sizes = [g.numel() for g in flats[0]]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    cast = None
+    if cfg is not None and cfg.deepspeed.precision != "fp32" and cfg.checkpoint.weights == "module":
+        cast = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float16
+    offset = 0
+    for name, shape in shapes.items():
+        shape = torch.Size(shape)
+        numel = shape.numel()
+        part = math.ceil(numel / world)
+        end = offset + part
+        if end > starts[-1]:
+            raise CheckpointError(f"{folder}: its ZeRO-3 partitions are shorter than the parameters they should hold")
+        chunks = []
+        for rank in range(world):
+            for g in range(len(sizes)):
+                lo, hi = max(offset, starts[g]), min(end, starts[g + 1])
+                if lo < hi:
+                    chunks.append(flats[rank][g].reshape(-1)[lo - starts[g] : hi - starts[g]])
+        with torch.no_grad():
+            full = torch.cat(chunks)[:numel].view(shape).clone()
+        yield name, (full.to(cast) if cast is not None else full)
+        offset = end
+    yield from buffers.items()
+
+
+def check_model_folder(folder: Path) -> None:
+    """A CheckpointError unless ``folder`` holds config.yaml and weights (consolidated, sharded or DeepSpeed's)."""
+    if not (folder / "config.yaml").is_file() or not (weight_files(folder) or has_deepspeed_weights(folder)):
+        raise CheckpointError(
+            f"{folder} is not a crate_lm checkpoint (needs config.yaml and model.safetensors, "
+            "model.safetensors.index.json with its shards, or DeepSpeed's model states)"
+        )
 
 
 def _load_weights(
     folder: Path, cfg: RunConfig, device: str | torch.device, dtype: torch.dtype | None
 ) -> torch.nn.Module:
-    """The model of ``cfg`` with ``folder/model.safetensors`` loaded, in eval mode on device/dtype."""
-    from safetensors.torch import load_file
+    """The model of ``cfg`` with ``folder``'s weights, in eval mode on device/dtype.
 
+    The module tree is built on the meta device (no memory, no init) and the weights are
+    assigned from memory-mapped safetensors (or DeepSpeed's files, see
+    ``checkpoint_weights``): peak memory is about one copy of the weights. The
+    model has no buffers and no tied parameter entries (the LM head reads ``tok_emb.weight``),
+    so every entry of its state dict comes from the files."""
     from crate_lm.model import build_model
 
-    weights, config = folder / "model.safetensors", folder / "config.yaml"
-    model = build_model(cfg.model)
-    try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for a bad file
-        raise CheckpointError(
-            f"{weights}: not a readable safetensors file ({err}); it is truncated or corrupt"
-        ) from None
+    config = folder / "config.yaml"
+    model = build_model(cfg.model, device="meta")
     own = model.state_dict()
+    state = {}
+    for name, tensor in checkpoint_weights(folder, cfg):
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)  # one tensor at a time: never two copies of the model
+        state[name] = tensor
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [
@@ -584,11 +765,16 @@ def _load_weights(
     ]
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"{weights} does not fit the model in {config} (missing: {missing[:3]}, unexpected: {unexpected[:3]}, "
-            f"other shapes: {wrong[:3]})"
+            f"the weights in {folder} do not fit the model in {config} (missing: {missing[:3]}, "
+            f"unexpected: {unexpected[:3]}, other shapes: {wrong[:3]}): the config file does not describe them; "
+            "restore the checkpoint's own config.yaml"
         )
-    model.load_state_dict(state)
-    model.to(device=device, dtype=dtype).eval()
+    model.load_state_dict(state, assign=True)
+    del state
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder}: no weights for {left[:3]}")
+    model.to(device=device).eval()
     return model
 
 
@@ -599,7 +785,7 @@ def load_model(
     complete checkpoint). Returns ``(model, run_config)``; the model is in eval mode. ``load``
     gives the tokenizer too."""
     folder = resolve_checkpoint(path)
-    _check_model_folder(folder)
+    check_model_folder(folder)
     cfg = read_checkpoint_config(folder)
     return _load_weights(folder, cfg, device, _as_dtype(dtype)), cfg
 
@@ -833,7 +1019,7 @@ def load(
     folder = resolve_checkpoint(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
-    _check_model_folder(folder)
+    check_model_folder(folder)
     cfg = read_checkpoint_config(folder)
     tok = _resolve_tokenizer(folder, cfg, tokenizer)
     model = _load_weights(folder, cfg, device, _as_dtype(dtype))
@@ -844,6 +1030,7 @@ __all__ = [
     "CheckpointError",
     "LoadedModel",
     "check_compatible",
+    "check_model_folder",
     "complete_checkpoints",
     "load",
     "load_model",

@@ -487,6 +487,11 @@ class DeepSpeedSection:
     """ZeRO-2/3: keep optimizer states on the CPU (DeepSpeedCPUAdam)."""
     offload_params: bool = False
     """ZeRO-3: keep parameters on the CPU."""
+    zero_init: bool = True
+    """ZeRO-3 only: construct the model inside ``deepspeed.zero.Init`` so no rank ever holds all
+    of it (each keeps ~1/world of the parameters; the init is bit-identical to a whole build in
+    fp32, and training from it matches a whole construction). ``false`` builds the whole model on
+    every rank first."""
     config: dict = dataclasses.field(default_factory=dict)
     """Raw DeepSpeed JSON entries merged over the derived config (batch sizes may not be contradicted)."""
 
@@ -510,6 +515,12 @@ class CheckpointConfig:
     """What model.safetensors holds in a bf16/fp16 run: the module's weights as computed with
     ('module', bf16) or the optimizer's fp32 master weights ('fp32', twice the size). Recorded in
     the file's metadata (crate_lm.weights, crate_lm.dtype)."""
+    export_weights: bool | None = None
+    """Whether each checkpoint also writes the consolidated model.safetensors. None (default):
+    yes for ZeRO 0-2, where the module is whole on rank 0 anyway (one file write, no gather;
+    checkpoints stay readable by any safetensors tool), no for ZeRO-3, where it would gather the
+    whole model on rank 0 at every save (28 GB of fp32 at 7B). Without it, ``crate_lm.load`` reads
+    DeepSpeed's files and ``crate-lm export`` writes sharded safetensors from them offline."""
 
     def __post_init__(self) -> None:
         require(self.interval >= 1, "checkpoint.interval", ">= 1", self.interval)

@@ -861,7 +861,7 @@ def test_load_model_weights_that_do_not_fit(tmp_path):
     folder = tmp_path / "step_00000001"
     write_checkpoint(folder, ModelConfig(**MODEL), metadata=False)
     rewrite_config(folder, ModelConfig(**{**MODEL, "n_layers": 3}))
-    with pytest.raises(CheckpointError, match=r"does not fit the model"):
+    with pytest.raises(CheckpointError, match=r"do not fit the model"):
         load_model(folder)
     (folder / "model.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):

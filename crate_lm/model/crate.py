@@ -180,20 +180,25 @@ class CrateLMBase(HookedModelMixin, nn.Module):
     def init_weights(self) -> None:
         """N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2L)) for output projections, zero biases;
         LayerNorms at identity; dictionaries keep their own (kaiming-uniform) init."""
+        for module in self.modules():
+            self.init_module(module)
+
+    def init_module(self, module: nn.Module) -> None:
+        """``init_weights`` for one module's own parameters (a partitioned build, ZeRO-3's
+        ``zero.Init``, gathers them module by module and calls this in the same order)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "is_output_proj", False) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "is_output_proj", False) else std)
+            if module.bias is not None:
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, ISTA):
-                module.reset_parameters()
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ISTA):
+            module.reset_parameters()
 
     def encode(
         self,

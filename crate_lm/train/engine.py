@@ -148,8 +148,11 @@ class GuardedAdamW(torch.optim.AdamW):
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (projections, dictionaries, embeddings), none on vectors: groups [decay, none]."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def ndim(p: torch.nn.Parameter) -> int:  # a parameter partitioned by zero.Init is empty; ds_shape is its own
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
@@ -160,6 +163,38 @@ def apply_optim_settings(optimizer, optim: OptimConfig) -> None:
         group["betas"] = (optim.beta1, optim.beta2)
         group["eps"] = optim.eps
         group["weight_decay"] = optim.weight_decay if i == 0 else 0.0
+
+
+def construct_model(cfg: RunConfig, world_size: int) -> torch.nn.Module:
+    """The model of ``cfg``, as training starts it (call after seeding, on every rank).
+
+    ZeRO-3 with ``deepspeed.zero_init`` builds it inside ``deepspeed.zero.Init``: each module's parameters are partitioned
+    as soon as the module is constructed, so no rank ever holds the whole model (a rank keeps
+    about 1/world of the parameter bytes). The model's ``init_weights`` ran on the partitioned
+    (empty) tensors there, so it is repeated module by module on gathered parameters, in the
+    same order and from the same RNG stream as a whole build: in fp32 the weights are
+    bit-identical to ``build_model`` with the same seed (tests/test_export.py). In bf16,
+    zero.Init creates the parameters in bf16, so the init draws happen in bf16 (close to, not
+    bit-identical with, a whole build cast to bf16). Otherwise the model is built whole."""
+    from crate_lm.model import build_model
+
+    if cfg.deepspeed.zero_stage != 3 or not cfg.deepspeed.zero_init:
+        return build_model(cfg.model)
+    import deepspeed
+
+    with deepspeed.zero.Init(
+        config_dict_or_path=deepspeed_config(cfg, world_size),
+        remote_device="cpu" if cfg.deepspeed.offload_params else None,
+    ):
+        model = build_model(cfg.model)
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+            with torch.no_grad():
+                model.init_module(module)
+    return model
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int):

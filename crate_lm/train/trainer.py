@@ -34,10 +34,16 @@ from crate_lm.data import (
 from crate_lm.errors import CrateLMError
 from crate_lm.fsutil import atomic_write_bytes
 from crate_lm.hardware import gpu_peak_flops, measure_matmul_flops, tune_cpu_allocator
-from crate_lm.model import build_model, flops_per_token, generate, param_count
+from crate_lm.model import flops_per_token, generate, param_count
 from crate_lm.train.callbacks import Callback, LossCurve, LossWindow, MetricsFile, ProgressBar, SpeedMonitor, Wandb
 from crate_lm.train.checkpointer import Checkpointer, changed_settings
-from crate_lm.train.engine import PRECISION_DTYPES, apply_optim_settings, build_engine, setup_distributed
+from crate_lm.train.engine import (
+    PRECISION_DTYPES,
+    apply_optim_settings,
+    build_engine,
+    construct_model,
+    setup_distributed,
+)
 from crate_lm.train.health import HealthMonitor
 from crate_lm.train.schedule import learning_rate, resolve_schedule, set_learning_rate
 from crate_lm.train.signals import StopRequest
@@ -171,7 +177,7 @@ class Trainer:
         self.changes = changed_settings(saved_cfg, cfg) if saved_cfg is not None else []
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, build_model(cfg.model), self.world)
+        self.engine = build_engine(cfg, construct_model(cfg, self.world), self.world)
         self.state = TrainState()
         self.health = HealthMonitor(cfg.train)
         if self.resumed_from is not None:
