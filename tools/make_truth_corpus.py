@@ -6,8 +6,8 @@ runs the same sequence, skipping finished stages, and writes ``docs/truth_testbe
     python tools/make_truth_corpus.py --out data/truth --seed 0
     python tools/train_tokenizer.py --inputs data/truth/corpus.jsonl --text_field text --kind bpe --vocab_size 2048 --out data/truth/tokenizer
     python tools/prepare_data.py --inputs data/truth/corpus.jsonl --text_field text --tokenizer data/truth/tokenizer --out data/truth/shards --val_fraction 0.02 --num_proc 1
-    DS_ACCELERATOR=cpu PYTHONWARNINGS=ignore::FutureWarning python crate_lm/pretrain.py --config configs/truth_crate.yaml
-    DS_ACCELERATOR=cpu PYTHONWARNINGS=ignore::FutureWarning python crate_lm/pretrain.py --config configs/truth_gpt.yaml
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONWARNINGS=ignore::FutureWarning python crate_lm/pretrain.py --config configs/truth_crate.yaml
+    OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONWARNINGS=ignore::FutureWarning python crate_lm/pretrain.py --config configs/truth_gpt.yaml
     crate-lm elk runs/truth_crate --data data/truth/statements.jsonl --templates data/truth/templates.txt --out runs/truth_crate/elk
     crate-lm elk runs/truth_gpt --data data/truth/statements.jsonl --templates data/truth/templates.txt --out runs/truth_gpt/elk
 

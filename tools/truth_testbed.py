@@ -40,8 +40,9 @@ RUNS = {"crate": "configs/truth_crate.yaml", "gpt": "configs/truth_gpt.yaml"}
 STAGES = ("corpus", "train", "elk")
 
 
-def _run(cmd: list[str], what: str) -> None:
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONWARNINGS="ignore::FutureWarning")
+def _run(cmd: list[str], what: str, **extra_env: str) -> None:
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PYTHONWARNINGS="ignore::FutureWarning",
+               **extra_env)  # fmt: skip
     print(f"truth: {what}: {' '.join(cmd[1:])}", flush=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
     if done.returncode != 0:
@@ -83,7 +84,9 @@ def train(name: str, config: str) -> bool:
     if finished_step(out) == steps:
         print(f"truth: {recipe['train']['out_dir']} is trained ({steps} steps); kept", flush=True)
         return False
-    _run([sys.executable, "crate_lm/pretrain.py", "--config", config], f"training {name}")
+    # one thread: CPU kernels that split a reduction over threads make runs differ in the last bits,
+    # and over 1200 steps that moves the behavioural accuracy by a few points; one thread repeats exactly
+    _run([sys.executable, "crate_lm/pretrain.py", "--config", config], f"training {name}", OMP_NUM_THREADS="1")
     return True
 
 
