@@ -165,6 +165,12 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(TAG_PATTERN.match(p.name).group(1)))
 
 
+def finished_step(run: str | Path) -> int | None:
+    """The step of a run folder's newest complete checkpoint, or None when it has none."""
+    folders = complete_checkpoints(Path(run) / "checkpoints") if (Path(run) / "checkpoints").is_dir() else []
+    return int(load_trainer_state(folders[-1])["step"]) if folders else None
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 

@@ -37,7 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crate_lm.checkpoint import finished_step  # noqa: E402
 from crate_lm.errors import CrateLMError, run_cli  # noqa: E402
+from crate_lm.fsutil import atomic_savefig  # noqa: E402
 
 DEFAULT_LAMBDA = 0.1
 CONFIG = "configs/default.yaml"
@@ -62,15 +64,6 @@ def study_runs(lambdas: list[float]) -> dict[str, dict]:
     return runs
 
 
-def finished_step(out: Path) -> int | None:
-    """The step of the newest complete checkpoint of a run folder, or None."""
-    from crate_lm.checkpoint import complete_checkpoints
-
-    folders = complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []
-    if not folders:
-        return None
-    state = json.loads((folders[-1] / "trainer_state.json").read_text())
-    return int(state["step"])
 
 
 def train(name: str, spec: dict, steps: int) -> float:
@@ -256,10 +249,7 @@ def tradeoff_plot(study: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def _f(x: float | None, spec: str = ".3f") -> str:

@@ -21,7 +21,6 @@ recipe's max_steps, ELK's hidden-state cache):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from crate_lm.checkpoint import finished_step
 from crate_lm.errors import CrateLMError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +49,6 @@ def _run(cmd: list[str], what: str, **extra_env: str) -> None:
         raise CrateLMError(f"{what} failed (exit {done.returncode}); see its output above")
 
 
-def finished_step(out: Path) -> int | None:
-    """The step of the newest complete checkpoint of a run folder, or None."""
-    from crate_lm.checkpoint import complete_checkpoints
-
-    folders = complete_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []
-    if not folders:
-        return None
-    return int(json.loads((folders[-1] / "trainer_state.json").read_text())["step"])
 
 
 def corpus(args: argparse.Namespace) -> bool:

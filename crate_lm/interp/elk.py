@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from crate_lm.errors import CrateLMError
+from crate_lm.fsutil import atomic_savefig
 
 FORMAT = "crate_lm.elk.v1"
 DEFAULT_TEMPLATES = (
@@ -769,10 +770,7 @@ def plot(report: dict, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    atomic_savefig(fig, out_png, dpi=110)
 
 
 __all__ = [

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from crate_lm.errors import CrateLMError
-from crate_lm.fsutil import atomic_write_bytes, atomic_write_json
+from crate_lm.fsutil import atomic_savefig, atomic_write_bytes, atomic_write_json
 
 FORMAT = "crate_lm.features.v1"
 ORDERS = ("max", "density", "mean")
@@ -1170,10 +1170,7 @@ def plot_density(report: dict, path: Path) -> None:
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{report['tokens']:,} tokens", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=100)
 
 
 def summary_line(report: dict) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from crate_lm.errors import CrateLMError
+from crate_lm.fsutil import atomic_savefig
 from crate_lm.interp.labels import Labeler, label_sequence, resolve_labeler
 
 REPRESENTATIONS: dict[str, dict[str, str]] = {
@@ -733,10 +734,7 @@ def plot(report: dict, label: str, out_png: Path) -> None:
     fig.suptitle(f"k-sparse probes of '{label}': held-out F1\n{report['method']} ranking; tokens: {tokens}",
                  fontsize=9)  # fmt: skip
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (3.8 * cols + 2.2), 1))
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    atomic_savefig(fig, out_png, dpi=110)
 
 
 __all__ = [

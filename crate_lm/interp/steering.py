@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from crate_lm.errors import CrateLMError
+from crate_lm.fsutil import atomic_savefig
 
 FORMAT = "crate_lm.steering.v1"
 METHODS = ("mean_diff", "pca", "logistic")
@@ -804,10 +805,7 @@ def plot_sweep(report: dict, out_png: Path) -> None:
         fig.colorbar(image, ax=ax)
     fig.suptitle(f"steering sweep: {report['source']}", fontsize=9)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    atomic_savefig(fig, out_png, dpi=100)
 
 
 # ---- command-line helpers -----------------------------------------------------------------------

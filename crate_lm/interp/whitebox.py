@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from crate_lm.fsutil import atomic_savefig
+
 EPS2 = 0.01
 
 
@@ -185,10 +187,7 @@ def plot(report: dict, out_png: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(report["title"], fontsize=10)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
+    atomic_savefig(fig, out_png, dpi=110)
 
 
 def whitebox(
